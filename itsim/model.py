@@ -1,0 +1,225 @@
+"""The matching model (CNN image encoder, packed BiLSTM text encoder, fusion head) and its directory format.
+
+The encoders are separate so evaluation and scoring can encode each image and caption once and run
+only the small head over many pairs. A model directory holds only safetensors and JSON: nothing a
+user receives is ever unpickled.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+from torch.nn.utils.rnn import pack_padded_sequence
+
+from itsim.errors import UserError
+from itsim.text import PAD_ID, Vocab
+
+
+@dataclass
+class ModelConfig:
+    """Sizes of the reference model (about 4.4M parameters with a 20k vocab)."""
+
+    vocab_size: int = 20000
+    channels: tuple[int, ...] = (32, 64, 128, 256)
+    cnn_dropout: float = 0.2
+    image_dim: int = 512
+    embed_dim: int = 128
+    lstm_hidden: int = 128
+    lstm_layers: int = 3
+    lstm_dropout: float = 0.2
+    text_dim: int = 256
+    head_dim: int = 256
+    head_dropout: float = 0.3
+    channels_last: bool = False
+
+
+@dataclass
+class Preprocess:
+    """How inputs were prepared at training time; the scorer must prepare them the same way."""
+
+    image_size: int = 299
+    resize: str = "stretch"
+    max_len: int = 100
+
+
+def images_to_float(images: torch.Tensor, channels_last: bool = False) -> torch.Tensor:
+    """uint8 [B, H, W, 3] (as the loader ships them) -> float [B, 3, H, W] in [0, 1] on the same device.
+
+    Images travel as uint8 and are scaled only on the device: 4x less host-to-device traffic.
+    """
+    if images.dtype == torch.uint8:
+        images = images.permute(0, 3, 1, 2).float().div_(255.0)
+    if channels_last:
+        images = images.contiguous(memory_format=torch.channels_last)
+    return images
+
+
+class ImageEncoder(nn.Module):
+    """Conv -> BN -> ReLU -> max-pool -> dropout blocks, global average pool, dense to `image_dim`."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        blocks: list[nn.Module] = []
+        in_ch = 3
+        for out_ch in cfg.channels:
+            blocks += [
+                nn.Conv2d(in_ch, out_ch, kernel_size=3, padding=1, bias=False),
+                nn.BatchNorm2d(out_ch),
+                nn.ReLU(inplace=True),
+                nn.MaxPool2d(2),
+                nn.Dropout2d(cfg.cnn_dropout),
+            ]
+            in_ch = out_ch
+        self.features = nn.Sequential(*blocks)
+        self.proj = nn.Sequential(nn.Linear(in_ch, cfg.image_dim), nn.ReLU(inplace=True))
+        self.channels_last = cfg.channels_last
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        x = self.features(images_to_float(images, self.channels_last))
+        return self.proj(x.mean(dim=(2, 3)))
+
+
+class TextEncoder(nn.Module):
+    """Embedding -> stacked bidirectional LSTM over packed sequences -> `text_dim`.
+
+    Packing means the padding to `max_len` costs nothing. On CPU the LSTM runs in fp32 with
+    autocast off: oneDNN has no bf16/fp16 LSTM primitive (it raises under autocast).
+    """
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.embed = nn.Embedding(cfg.vocab_size, cfg.embed_dim, padding_idx=PAD_ID)
+        self.lstm = nn.LSTM(cfg.embed_dim, cfg.lstm_hidden, num_layers=cfg.lstm_layers, batch_first=True,
+                            bidirectional=True, dropout=cfg.lstm_dropout if cfg.lstm_layers > 1 else 0.0)
+        out = 2 * cfg.lstm_hidden
+        self.proj = nn.Identity() if out == cfg.text_dim else nn.Linear(out, cfg.text_dim)
+
+    def forward(self, ids: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        ids = ids.long()
+        lengths = lengths.long().clamp(min=1, max=ids.shape[1])
+        max_len = int(lengths.max())
+        emb = self.embed(ids[:, :max_len])
+        on_cpu = emb.device.type == "cpu"
+        with torch.autocast(device_type=emb.device.type, enabled=not on_cpu and torch.is_autocast_enabled(emb.device.type)):
+            if on_cpu:
+                emb = emb.float()
+            packed = pack_padded_sequence(emb, lengths.cpu(), batch_first=True, enforce_sorted=False)
+            _, (h_n, _) = self.lstm(packed)
+        last = torch.cat([h_n[-2], h_n[-1]], dim=1)  # final forward and backward states of the top layer
+        return self.proj(last)
+
+
+class FusionHead(nn.Module):
+    """concat(image, text) -> dense -> BN -> ReLU -> dropout -> dense -> one logit."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.net = nn.Sequential(
+            nn.Linear(cfg.image_dim + cfg.text_dim, cfg.head_dim),
+            nn.BatchNorm1d(cfg.head_dim),
+            nn.ReLU(inplace=True),
+            nn.Dropout(cfg.head_dropout),
+            nn.Linear(cfg.head_dim, 1),
+        )
+
+    def forward(self, image_vec: torch.Tensor, text_vec: torch.Tensor) -> torch.Tensor:
+        return self.net(torch.cat([image_vec, text_vec.to(image_vec.dtype)], dim=1)).squeeze(1)
+
+
+class ItsimModel(nn.Module):
+    """Scores image-caption pairs; `forward` returns logits (apply sigmoid for probabilities)."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.image_encoder = ImageEncoder(cfg)
+        self.text_encoder = TextEncoder(cfg)
+        self.fusion = FusionHead(cfg)
+
+    def encode_image(self, images: torch.Tensor) -> torch.Tensor:
+        return self.image_encoder(images)
+
+    def encode_text(self, ids: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        return self.text_encoder(ids, lengths)
+
+    def head(self, image_vec: torch.Tensor, text_vec: torch.Tensor) -> torch.Tensor:
+        return self.fusion(image_vec, text_vec)
+
+    def forward(self, images: torch.Tensor, ids: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        return self.head(self.encode_image(images), self.encode_text(ids, lengths))
+
+    @torch.no_grad()
+    def score_matrix(self, image_vec: torch.Tensor, text_vec: torch.Tensor, chunk: int = 64) -> torch.Tensor:
+        """Logits for every image x every caption [n_img, n_txt], running only the head, in chunks of images."""
+        rows = []
+        n_txt = text_vec.shape[0]
+        for start in range(0, image_vec.shape[0], chunk):
+            img = image_vec[start:start + chunk]
+            pairs_img = img.repeat_interleave(n_txt, dim=0)
+            pairs_txt = text_vec.repeat(img.shape[0], 1)
+            rows.append(self.head(pairs_img, pairs_txt).view(img.shape[0], n_txt))
+        return torch.cat(rows) if rows else image_vec.new_zeros((0, n_txt))
+
+
+def count_parameters(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+# --- model directory: model.safetensors + config.json + vocab.json --------------------------------
+
+def _config_dict(cfg: ModelConfig, pre: Preprocess, extra: dict[str, Any] | None) -> dict[str, Any]:
+    from itsim import __version__
+
+    return {"format": "itsim-model", "format_version": 1, "itsim_version": __version__,
+            "model": dataclasses.asdict(cfg), "preprocess": dataclasses.asdict(pre), **(extra or {})}
+
+
+def save_model(directory: str | Path, model: ItsimModel, vocab: Vocab, pre: Preprocess,
+               extra: dict[str, Any] | None = None) -> Path:
+    """Write the model directory atomically enough for readers: files land under temp names first."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
+    save_file(state, str(directory / "model.safetensors.tmp"), metadata={"format": "pt"})
+    (directory / "model.safetensors.tmp").replace(directory / "model.safetensors")
+    vocab.save(directory / "vocab.json")
+    (directory / "config.json").write_text(json.dumps(_config_dict(model.cfg, pre, extra), indent=2))
+    return directory
+
+
+def _dataclass_from(cls: type, data: dict[str, Any]):
+    known = {f.name for f in dataclasses.fields(cls)}
+    values = {k: tuple(v) if isinstance(v, list) else v for k, v in data.items() if k in known}
+    return cls(**values)
+
+
+def load_model(directory: str | Path, device: str | torch.device = "cpu") -> tuple[ItsimModel, Vocab, Preprocess]:
+    """Model (eval mode, on `device`), its vocab, and the preprocessing it was trained with."""
+    directory = Path(directory)
+    missing = [n for n in ("model.safetensors", "config.json", "vocab.json") if not (directory / n).is_file()]
+    if missing:
+        raise UserError(f"{directory} is not an itsim model directory (missing {', '.join(missing)})")
+    config = json.loads((directory / "config.json").read_text())
+    cfg = _dataclass_from(ModelConfig, config.get("model", {}))
+    pre = _dataclass_from(Preprocess, config.get("preprocess", {}))
+    vocab = Vocab.load(directory / "vocab.json")
+    if len(vocab) != cfg.vocab_size:
+        raise UserError(f"{directory}: vocab.json has {len(vocab)} words but the model expects {cfg.vocab_size}")
+    model = ItsimModel(cfg)
+    try:
+        model.load_state_dict(load_file(str(directory / "model.safetensors"), device="cpu"))
+    except Exception as exc:  # safetensors raises its own error types for corrupt files
+        raise UserError(f"{directory / 'model.safetensors'}: cannot load weights ({exc})") from None
+    return model.to(device).eval(), vocab, pre
+
+
+def resolve_device(name: str = "auto") -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
