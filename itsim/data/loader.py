@@ -1,0 +1,253 @@
+"""Training batches from WebDataset shards, built per rank and per DataLoader worker.
+
+Why not `accelerator.prepare(dataloader)`: Accelerate re-shards or broadcasts iterable datasets,
+which either feeds every rank from rank 0 or drops data when combined with node splitting. Here each
+rank opens its own pipeline, splits shards explicitly by rank and by worker, and produces a fixed
+number of batches per epoch, so no rank waits on another at an epoch's end.
+
+Exact resume: the batch stream is a pure function of (seed, epoch, rank, logical worker). A worker
+owns every W-th batch; on resume at batch j the physical workers are rotated so that the DataLoader's
+round-robin (which always starts at worker 0) asks first for batch j. Batches already consumed are
+skipped as raw bytes, before any JPEG is decoded.
+
+Security: only the `jpg`, `json`, `ids.npy` and `lengths.npy` members are read from a tar; nothing
+is unpickled (`np.load(allow_pickle=False)`); any other member (a planted `.pyd`/`.pickle`) is
+never even read.
+"""
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import logging
+import random
+from dataclasses import dataclass
+from itertools import islice
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+from webdataset.filters import _shuffle
+from webdataset.tariterators import tarfile_samples
+
+from itsim.errors import UserError
+from itsim.images import DEFAULT_MAX_PIXELS, ImageError, decode_rgb
+
+log = logging.getLogger(__name__)
+
+SAMPLE_KEYS = ("jpg", "json", "ids.npy", "lengths.npy")
+
+
+def read_manifest(shard_dir: str | Path) -> dict[str, Any]:
+    path = Path(shard_dir) / "manifest.json"
+    if not path.is_file():
+        raise UserError(f"{shard_dir}: no manifest.json (build shards first with `itsim build-shards`)")
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise UserError(f"{path}: not valid JSON ({exc})") from None
+
+
+def split_shards(shard_dir: str | Path, split: str) -> list[str]:
+    """Paths of one split's shards, as listed in the manifest (missing files are an error)."""
+    manifest = read_manifest(shard_dir)
+    names = manifest.get("splits", {}).get(split, {}).get("shards", [])
+    paths = [str(Path(shard_dir) / n) for n in names]
+    missing = [p for p in paths if not Path(p).is_file()]
+    if missing:
+        raise UserError(f"{len(missing)} shard(s) listed in the manifest are missing, e.g. {missing[0]}")
+    return paths
+
+
+def _seed(*parts: Any) -> int:
+    """Stable seed from parts (Python's hash() is salted per process)."""
+    return int.from_bytes(hashlib.sha256(repr(parts).encode()).digest()[:8], "little")
+
+
+def key_id(key: str) -> int:
+    """Integer id of a sample key, so batches can mask same-image negatives without strings."""
+    return int.from_bytes(hashlib.blake2b(key.encode(), digest_size=7).digest(), "little")
+
+
+def _select(name: str) -> bool:
+    base = name.rsplit("/", 1)[-1]
+    return "." in base and base.split(".", 1)[1].lower() in SAMPLE_KEYS
+
+
+def _complete(sample: dict[str, Any]) -> bool:
+    return all(k in sample for k in SAMPLE_KEYS)
+
+
+def decode_sample(sample: dict[str, Any], max_pixels: int = DEFAULT_MAX_PIXELS) -> dict[str, Any]:
+    """Raw tar members -> arrays. Raises ValueError/ImageError on a bad sample."""
+    ids = np.load(io.BytesIO(sample["ids.npy"]), allow_pickle=False)
+    lengths = np.load(io.BytesIO(sample["lengths.npy"]), allow_pickle=False)
+    if ids.ndim != 2 or lengths.shape != (ids.shape[0],) or ids.shape[0] == 0:
+        raise ValueError(f"bad token arrays {ids.shape} / {lengths.shape}")
+    meta = json.loads(sample["json"])
+    return {"key": sample["__key__"], "image": decode_rgb(sample["jpg"], max_pixels), "ids": ids.astype(np.int32),
+            "lengths": lengths.astype(np.int32), "meta": meta}
+
+
+def collate(samples: list[dict[str, Any]]) -> dict[str, Any]:
+    """uint8 images [B,H,W,3], ids [B,C,L] (C = most captions in the batch), lengths [B,C], n_captions [B]."""
+    n_caps = max(s["ids"].shape[0] for s in samples)
+    max_len = samples[0]["ids"].shape[1]
+    ids = np.zeros((len(samples), n_caps, max_len), dtype=np.int32)
+    lengths = np.ones((len(samples), n_caps), dtype=np.int32)
+    for i, s in enumerate(samples):
+        n = s["ids"].shape[0]
+        ids[i, :n], lengths[i, :n] = s["ids"], s["lengths"]
+    return {
+        "images": torch.from_numpy(np.stack([s["image"] for s in samples])),
+        "ids": torch.from_numpy(ids),
+        "lengths": torch.from_numpy(lengths),
+        "n_captions": torch.tensor([s["ids"].shape[0] for s in samples], dtype=torch.int64),
+        "key_ids": torch.tensor([key_id(s["key"]) for s in samples], dtype=torch.int64),
+        "keys": [s["key"] for s in samples],
+    }
+
+
+@dataclass
+class StreamSpec:
+    shards: list[str]
+    batch_size: int
+    batches_per_epoch: int  # per rank; a multiple of the worker count
+    seed: int = 0
+    rank: int = 0
+    world_size: int = 1
+    shuffle_buffer: int = 1000
+    start_batch: int = 0  # global batch index on this rank to start from (resume)
+    max_pixels: int = DEFAULT_MAX_PIXELS
+
+
+class ShardStream(IterableDataset):
+    """Endless, deterministic stream of batches for one rank (epochs follow each other)."""
+
+    def __init__(self, spec: StreamSpec):
+        super().__init__()
+        self.spec = spec
+
+    def _shard_cycle(self, epoch: int, logical: int, n_workers: int, seen: list[int]) -> Iterator[dict[str, str]]:
+        """This worker's shards for `epoch`, repeated (reshuffled) until the epoch's batches are made."""
+        spec = self.spec
+        slots = spec.world_size * n_workers
+        slot = spec.rank * n_workers + logical
+        for cycle in range(1 << 30):
+            before = seen[0]
+            if len(spec.shards) >= slots:
+                order = list(spec.shards)
+                random.Random(_seed(spec.seed, epoch, cycle, "shards")).shuffle(order)
+                mine = order[slot::slots]
+            else:  # fewer shards than ranks x workers: resample with replacement, never hang
+                rng = random.Random(_seed(spec.seed, epoch, cycle, slot, "resample"))
+                mine = [rng.choice(spec.shards) for _ in range(max(1, len(spec.shards)))]
+            yield from ({"url": url} for url in mine)
+            if cycle > 0 and seen[0] == before:
+                raise RuntimeError(f"no readable samples in shards {mine[:3]}...: check the shard files")
+
+    def _raw_batches(self, epoch: int, logical: int, n_workers: int, stats: dict[str, int]) -> Iterator[list[dict]]:
+        spec = self.spec
+        seen = [0]
+
+        def on_error(exc: Exception) -> bool:
+            stats["bad_samples"] += 1
+            log.warning("skipping unreadable shard data: %s", exc)
+            return True
+
+        samples = tarfile_samples(self._shard_cycle(epoch, logical, n_workers, seen), handler=on_error,
+                                  select_files=_select)
+
+        def complete(it):
+            for s in it:
+                if _complete(s):
+                    seen[0] += 1
+                    yield s
+                else:
+                    stats["bad_samples"] += 1
+                    log.warning("skipping incomplete sample %s in %s", s.get("__key__"), s.get("__url__"))
+
+        rng = random.Random(_seed(spec.seed, epoch, spec.rank, logical, "samples"))
+        shuffled = _shuffle(complete(samples), bufsize=spec.shuffle_buffer, initial=min(100, spec.shuffle_buffer), rng=rng)
+        while True:
+            batch = list(islice(shuffled, spec.batch_size))
+            if not batch:
+                return
+            yield batch
+
+    def _decode_batch(self, raw: list[dict], stats: dict[str, int]) -> dict[str, Any] | None:
+        decoded = []
+        for s in raw:
+            try:
+                decoded.append(decode_sample(s, self.spec.max_pixels))
+            except (ImageError, ValueError, KeyError, OSError) as exc:
+                stats["bad_samples"] += 1
+                log.warning("skipping bad sample %s in %s: %s", s.get("__key__"), s.get("__url__"), exc)
+        if not decoded:
+            return None
+        shapes = {d["image"].shape for d in decoded}
+        if len(shapes) > 1:
+            raise RuntimeError(f"images of different sizes in one batch {shapes}: shards built with mixed settings")
+        return collate(decoded)
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        spec = self.spec
+        info = get_worker_info()
+        n_workers, physical = (info.num_workers, info.id) if info else (1, 0)
+        if spec.batches_per_epoch % n_workers:
+            raise ValueError("batches_per_epoch must be a multiple of the DataLoader worker count")
+        per_worker = spec.batches_per_epoch // n_workers
+        # Rotate so that physical worker 0 makes global batch `start_batch` (see module docstring).
+        logical = (physical + spec.start_batch) % n_workers
+        first = spec.start_batch + ((logical - spec.start_batch) % n_workers)  # first global index this worker owns
+        stats = {"bad_samples": 0}
+        epoch = first // spec.batches_per_epoch
+        skip = len(range(logical, first % spec.batches_per_epoch, n_workers))
+        while True:
+            for raw in islice(self._raw_batches(epoch, logical, n_workers, stats), per_worker):
+                if skip:
+                    skip -= 1
+                    continue
+                batch = self._decode_batch(raw, stats)
+                if batch is not None:
+                    batch["bad_samples"] = stats["bad_samples"]
+                    batch["worker"] = logical
+                    yield batch
+            epoch += 1
+
+
+def batches_per_epoch(n_images: int, batch_size: int, world_size: int, workers: int) -> int:
+    """Per-rank batches so that one epoch sees about every image once, rounded up to the workers."""
+    per_rank = max(1, -(-n_images // (batch_size * world_size)))
+    w = max(1, workers)
+    return -(-per_rank // w) * w
+
+
+def make_loader(spec: StreamSpec, workers: int = 2, pin_memory: bool = False, prefetch: int = 4) -> DataLoader:
+    return DataLoader(ShardStream(spec), batch_size=None, num_workers=workers, pin_memory=pin_memory,
+                      persistent_workers=workers > 0, prefetch_factor=prefetch if workers > 0 else None)
+
+
+def read_split(shard_dir: str | Path, split: str, max_images: int | None = None,
+               max_pixels: int = DEFAULT_MAX_PIXELS) -> list[dict[str, Any]]:
+    """Every sample of a split in shard order (validation, evaluation); bad samples logged and skipped."""
+    out: list[dict[str, Any]] = []
+
+    def on_error(exc: Exception) -> bool:
+        log.warning("skipping unreadable shard data: %s", exc)
+        return True
+
+    urls = ({"url": u} for u in split_shards(shard_dir, split))
+    for s in tarfile_samples(urls, handler=on_error, select_files=_select):
+        if max_images is not None and len(out) >= max_images:
+            break
+        if not _complete(s):
+            log.warning("skipping incomplete sample %s in %s", s.get("__key__"), s.get("__url__"))
+            continue
+        try:
+            out.append(decode_sample(s, max_pixels))
+        except (ImageError, ValueError, KeyError, OSError) as exc:
+            log.warning("skipping bad sample %s in %s: %s", s.get("__key__"), s.get("__url__"), exc)
+    return out
