@@ -1,0 +1,203 @@
+"""Writing one shard: the unit of work that processes and Ray tasks run, and the unit of resume.
+
+A shard is written to a temporary name and renamed only when complete, then its `_stats.json` is
+written the same way; a shard counts as done only when both exist and the stats name the same plan
+(`plan_hash`) and byte size. Everything that goes into the tar is a pure function of the task
+(fixed member order, mtime 0, fixed owner), so the bytes do not depend on which worker wrote it.
+
+Kept free of torch/webdataset imports so that worker processes start fast.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import io
+import json
+import logging
+import os
+import re
+import tarfile
+import time
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from itsim.images import ImageError, encode_jpeg, load_image, safe_path
+from itsim.text import Vocab
+
+log = logging.getLogger(__name__)
+
+_UNSAFE = re.compile(r"[^A-Za-z0-9_-]+")
+_KEY_MAX = 60  # USTAR member names are limited to 100 characters; key + ".lengths.npy" must fit
+
+
+@dataclasses.dataclass(frozen=True)
+class ShardItem:
+    """One image and all its (non-empty) captions."""
+
+    image: str
+    key: str
+    captions: tuple[str, ...]
+    caption_idx: tuple[int, ...]
+
+
+@dataclasses.dataclass(frozen=True)
+class ShardTask:
+    """Everything needed to write one shard, picklable for processes and Ray."""
+
+    name: str
+    split: str
+    out_dir: str
+    images_root: str
+    source: str
+    items: tuple[ShardItem, ...]
+    vocab_words: tuple[str, ...]
+    image_size: int = 299
+    resize: str = "stretch"
+    max_len: int = 100
+    jpeg_quality: int = 95
+    max_pixels: int = 64 * 1024 * 1024
+
+    @property
+    def tar_path(self) -> Path:
+        return Path(self.out_dir) / f"{self.name}.tar"
+
+    @property
+    def stats_path(self) -> Path:
+        return Path(self.out_dir) / f"{self.name}_stats.json"
+
+    def plan_hash(self) -> str:
+        """Identifies what this shard should contain; independent of where OUT lives."""
+        fields = dataclasses.asdict(self)
+        fields.pop("out_dir")
+        fields["vocab_words"] = hashlib.sha256("\n".join(self.vocab_words).encode()).hexdigest()
+        return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def make_keys(names: list[str]) -> dict[str, str]:
+    """Image name -> unique WebDataset key of letters, digits, `_` and `-` (no dots).
+
+    The key is the name without its extension when that is already safe and unique; otherwise a
+    short hash of the full name is appended, so `a b.jpg`, `a_b.jpg` and `a.png` never collide.
+    """
+    def digest(name: str, n: int = 8) -> str:
+        return hashlib.sha1(name.encode("utf-8", "surrogatepass")).hexdigest()[:n]
+
+    def base(name: str) -> tuple[str, bool]:
+        stem = name.rsplit(".", 1)[0] if "." in name.lstrip(".") else name
+        safe = _UNSAFE.sub("_", stem).strip("_")[:_KEY_MAX]
+        return safe, safe == stem
+
+    unique = sorted(set(names))
+    bases = {name: base(name) for name in unique}
+    counts: dict[str, int] = {}
+    for safe, _ in bases.values():
+        counts[safe] = counts.get(safe, 0) + 1
+    keys = {}
+    for name, (safe, clean) in bases.items():
+        if clean and safe and counts[safe] == 1:
+            keys[name] = safe
+        else:
+            keys[name] = f"{safe or 'img'}-{digest(name)}"
+    taken: dict[str, int] = {}
+    for key in keys.values():
+        taken[key] = taken.get(key, 0) + 1
+    for name, key in keys.items():  # a clean name that happens to look like `x-<hash>`
+        if taken[key] > 1:
+            keys[name] = f"{base(name)[0] or 'img'}-{digest(name, 40)}"
+    return keys
+
+
+def _npy_bytes(array: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    np.save(buf, array, allow_pickle=False)
+    return buf.getvalue()
+
+
+def _add_member(tar: tarfile.TarFile, name: str, data: bytes) -> None:
+    info = tarfile.TarInfo(name)
+    info.size = len(data)
+    info.mtime = 0
+    info.mode = 0o444
+    info.uname = info.gname = "itsim"
+    tar.addfile(info, io.BytesIO(data))
+
+
+def _write_json_atomic(path: Path, obj: object) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=1))
+    os.replace(tmp, path)
+
+
+def read_complete_stats(task: ShardTask) -> dict | None:
+    """The stats of a finished shard of this exact plan, or None when it must be (re)written."""
+    try:
+        stats = json.loads(task.stats_path.read_text())
+        size = task.tar_path.stat().st_size
+    except (OSError, ValueError):
+        return None
+    if stats.get("plan_hash") != task.plan_hash() or stats.get("bytes") != size:
+        return None
+    return stats
+
+
+def _failure(task: ShardTask, item: ShardItem, reason: str, detail: str) -> dict:
+    return {"image": item.image, "reason": reason, "detail": detail,
+            "caption_rows": len(item.captions), "shard": task.name}
+
+
+def write_shard(task: ShardTask, progress: Callable[[int], None] | None = None) -> dict:
+    """Write one complete shard and its stats; returns the stats (failures included).
+
+    A bad image is recorded and skipped; only an output error (disk full) makes this raise.
+    """
+    start = time.perf_counter()
+    vocab = Vocab(task.vocab_words)
+    task.stats_path.unlink(missing_ok=True)  # a stale stats file must never vouch for a new tar
+    tmp = task.tar_path.with_name(task.tar_path.name + ".tmp")
+    failures: list[dict] = []
+    images_ok = captions = 0
+    with open(tmp, "wb") as fh:
+        with tarfile.open(fileobj=fh, mode="w", format=tarfile.USTAR_FORMAT) as tar:
+            for item in task.items:
+                try:
+                    path = safe_path(task.images_root, item.image)
+                    img = load_image(path, task.image_size, task.resize, task.max_pixels)
+                    jpg = encode_jpeg(img, task.jpeg_quality)
+                except ImageError as exc:
+                    failures.append(_failure(task, item, exc.reason, str(exc).removeprefix(f"{exc.reason}: ")))
+                except Exception as exc:  # noqa: BLE001 - a decoder bug must not stop the build
+                    log.debug("unexpected error on %s", item.image, exc_info=True)
+                    failures.append(_failure(task, item, "unexpected_error", f"{type(exc).__name__}: {exc}"))
+                else:
+                    ids, lengths = vocab.encode(list(item.captions), task.max_len)
+                    meta = {"image": item.image, "captions": list(item.captions),
+                            "caption_idx": list(item.caption_idx), "split": task.split, "source": task.source}
+                    # Sorted extensions, as webdataset's TarWriter orders them.
+                    _add_member(tar, f"{item.key}.ids.npy", _npy_bytes(ids))
+                    _add_member(tar, f"{item.key}.jpg", jpg)
+                    _add_member(tar, f"{item.key}.json", json.dumps(meta, ensure_ascii=False).encode())
+                    _add_member(tar, f"{item.key}.lengths.npy", _npy_bytes(lengths))
+                    images_ok += 1
+                    captions += len(item.captions)
+                if progress is not None:
+                    progress(1)
+        fh.flush()
+        os.fsync(fh.fileno())
+    data = tmp.read_bytes()
+    os.replace(tmp, task.tar_path)
+    seconds = time.perf_counter() - start
+    by_reason: dict[str, int] = {}
+    for f in failures:
+        by_reason[f["reason"]] = by_reason.get(f["reason"], 0) + 1
+    stats = {
+        "shard": task.name, "split": task.split, "plan_hash": task.plan_hash(),
+        "images_planned": len(task.items), "images_ok": images_ok, "captions": captions,
+        "caption_rows_failed": sum(f["caption_rows"] for f in failures),
+        "failures_by_reason": dict(sorted(by_reason.items())), "failures": failures,
+        "bytes": len(data), "sha256": hashlib.sha256(data).hexdigest(),
+        "seconds": round(seconds, 3), "images_per_second": round(len(task.items) / max(seconds, 1e-9), 1),
+    }
+    _write_json_atomic(task.stats_path, stats)
+    return stats

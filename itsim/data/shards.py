@@ -1,0 +1,440 @@
+"""`itsim build-shards`: caption file + image folder -> WebDataset shards, vocab and manifest.
+
+Plan (read captions, splits, vocab from train, deterministic order of images) -> write each shard
+with `shard_writer.write_shard` (in-process, a process pool, or Ray tasks) -> failures.jsonl and
+manifest.json. Every input row ends up either in a shard or in failures.jsonl, and the manifest
+says so (`rows`). A re-run skips complete shards, so an interrupted build resumes; the manifest is
+written last, so its presence means the build finished.
+"""
+from __future__ import annotations
+
+import argparse
+import concurrent.futures as cf
+import dataclasses
+import datetime
+import json
+import logging
+import multiprocessing
+import os
+import re
+import sys
+import time
+import zlib
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+from tqdm import tqdm
+
+from itsim import config
+from itsim.data.shard_writer import ShardItem, ShardTask, make_keys, read_complete_stats, write_shard
+from itsim.errors import UserError
+from itsim.images import DEFAULT_MAX_PIXELS, RESIZE_MODES
+from itsim.text import Vocab, normalize
+
+log = logging.getLogger(__name__)
+
+SPLIT_ORDER = ("train", "val", "test")
+# Fields that do not change the output: a re-run may change them freely.
+RUNTIME_FIELDS = ("out", "workers", "engine", "ray_address", "overwrite", "max_failure_rate")
+_OUR_FILE = re.compile(r"^(?P<shard>[A-Za-z0-9_]+-\d{6})(\.tar|_stats\.json)(\.tmp)?$")
+
+__all__ = ["ShardConfig", "FailureRateError", "build_shards", "write_shard", "add_cli"]
+
+
+@dataclasses.dataclass
+class ShardConfig:
+    captions: str = dataclasses.field(default="", metadata={"help": "caption file (any supported format)"})
+    images: str = dataclasses.field(default="", metadata={"help": "folder the image names are relative to"})
+    out: str = dataclasses.field(default="", metadata={"help": "output folder for shards, vocab, manifest"})
+    format: str = dataclasses.field(default="auto", metadata={"help": "caption file format or auto"})
+    image_col: str | None = dataclasses.field(default=None, metadata={"help": "image column of a generic table"})
+    caption_col: str | None = dataclasses.field(default=None, metadata={"help": "caption column of a generic table"})
+    image_size: int = dataclasses.field(default=299, metadata={"help": "side of the square stored images"})
+    resize: Literal["stretch", "center_crop", "pad"] = dataclasses.field(
+        default="stretch", metadata={"help": "how images become square"})
+    max_len: int = dataclasses.field(default=100, metadata={"help": "token ids per caption (truncate/pad)"})
+    shard_size: int = dataclasses.field(default=1000, metadata={"help": "images per shard at most"})
+    workers: int = dataclasses.field(default=0, metadata={"help": "parallel shard writers; 0 = all CPUs"})
+    engine: Literal["processes", "ray"] = dataclasses.field(
+        default="processes", metadata={"help": "run shard writers as local processes or Ray tasks"})
+    ray_address: str | None = dataclasses.field(default=None, metadata={"help": "Ray cluster address; none = local"})
+    splits: tuple[float, ...] = dataclasses.field(
+        default=(0.9, 0.05, 0.05), metadata={"help": "train,val,test fractions for images without a source split"})
+    val_images: str | None = dataclasses.field(
+        default=None, metadata={"help": "file listing the val images (one per line, or a TSV whose first column is the image)"})
+    seed: int = dataclasses.field(default=0, metadata={"help": "seed for hashed splits and shard order"})
+    vocab: str | None = dataclasses.field(default=None, metadata={"help": "use this vocab.json instead of building one"})
+    min_count: int = dataclasses.field(default=1, metadata={"help": "drop words seen fewer times in train"})
+    max_vocab: int = dataclasses.field(default=20000, metadata={"help": "vocab size including <pad>, <unk>"})
+    jpeg_quality: int = dataclasses.field(default=95, metadata={"help": "JPEG quality of stored images"})
+    max_pixels: int = dataclasses.field(default=DEFAULT_MAX_PIXELS, metadata={"help": "refuse larger images (bombs)"})
+    max_failure_rate: float = dataclasses.field(
+        default=0.1, metadata={"help": "fail (exit 1) when a larger fraction of caption rows is lost"})
+    overwrite: bool = dataclasses.field(default=False, metadata={"help": "replace an output built with another config"})
+
+
+class FailureRateError(Exception):
+    """The build finished but lost more rows than allowed; `manifest` describes it."""
+
+    def __init__(self, message: str, manifest: dict):
+        super().__init__(message)
+        self.manifest = manifest
+
+
+# ---- checks and inputs -------------------------------------------------------------------------
+
+def _checked(cfg: ShardConfig) -> ShardConfig:
+    """Validate values and make paths absolute, so the saved config means the same from anywhere."""
+    from itsim.data.captions import FORMATS
+    from itsim.data.splits import check_fractions
+
+    for name in ("captions", "images", "out"):
+        if not getattr(cfg, name):
+            raise UserError(f"--{name} is required")
+    checks = [(cfg.image_size >= 1, "--image-size must be >= 1"), (cfg.max_len >= 1, "--max-len must be >= 1"),
+              (cfg.shard_size >= 1, "--shard-size must be >= 1"), (cfg.workers >= 0, "--workers must be >= 0"),
+              (1 <= cfg.jpeg_quality <= 100, "--jpeg-quality must be in 1..100"),
+              (cfg.max_pixels >= 1, "--max-pixels must be >= 1"), (cfg.min_count >= 1, "--min-count must be >= 1"),
+              (cfg.max_vocab >= 2, "--max-vocab must be >= 2"),
+              (0 <= cfg.max_failure_rate <= 1, "--max-failure-rate must be in 0..1"),
+              (cfg.resize in RESIZE_MODES, f"--resize must be one of {RESIZE_MODES}"),
+              (cfg.format in ("auto", *FORMATS), f"--format must be auto or one of {', '.join(FORMATS)}"),
+              (cfg.engine in ("processes", "ray"), "--engine must be processes or ray")]
+    for ok, message in checks:
+        if not ok:
+            raise UserError(message)
+    try:
+        splits = check_fractions(cfg.splits)
+    except ValueError as exc:
+        raise UserError(f"--splits: {exc}") from None
+    paths = {k: os.path.abspath(os.path.expanduser(v)) if v else v
+             for k, v in dataclasses.asdict(cfg).items() if k in ("captions", "images", "out", "vocab", "val_images")}
+    cfg = dataclasses.replace(cfg, splits=splits, **paths)
+    if not Path(cfg.captions).is_file():
+        raise UserError(f"caption file not found: {cfg.captions}")
+    if not Path(cfg.images).is_dir():
+        raise UserError(f"image folder not found: {cfg.images}")
+    for name in ("vocab", "val_images"):
+        if getattr(cfg, name) and not Path(getattr(cfg, name)).is_file():
+            raise UserError(f"--{name.replace('_', '-')} file not found: {getattr(cfg, name)}")
+    if Path(cfg.out).exists() and not Path(cfg.out).is_dir():
+        raise UserError(f"--out {cfg.out} exists and is not a folder")
+    return cfg
+
+
+def _read_val_images(path: str) -> list[str]:
+    """One image name per line; for a TSV (e.g. labelled pairs) the first column; header `image` skipped."""
+    names = []
+    for line in Path(path).read_text(encoding="utf-8", errors="replace").splitlines():
+        name = line.split("\t")[0].strip()
+        if name and name.lower() not in ("image", "image_name", "filename"):
+            names.append(name)
+    if not names:
+        raise UserError(f"--val-images {path}: no image names in the file")
+    return names
+
+
+def _reader_failures(report: Any) -> list[dict]:
+    """Rows the caption reader skipped: it reports reasons, counts and line numbers, not names."""
+    return [{"image": None, "reason": reason, "detail": f"skipped by the caption reader; lines "
+             f"{report.skipped_lines.get(reason, [])}{' (first ones)' if count > len(report.skipped_lines.get(reason, [])) else ''}",
+             "caption_rows": count, "shard": None, "lines": report.skipped_lines.get(reason, [])}
+            for reason, count in sorted(report.skipped.items())]
+
+
+def _split_empty_captions(df: Any) -> tuple[Any, list[dict]]:
+    """Drop captions with no words left after `normalize` (they would train on a lone <unk>)."""
+    empty = df["caption"].map(lambda c: normalize(c) == "")
+    failures = []
+    if empty.any():
+        totals = df.groupby("image", sort=True).size()
+        for image, n_empty in df[empty].groupby("image", sort=True).size().items():
+            n = int(totals[image])
+            detail = (f"all {n} captions empty after normalisation" if n_empty == n else
+                      f"{n_empty} of {n} captions empty after normalisation; image kept with the others")
+            failures.append({"image": image, "reason": "empty_caption", "detail": detail,
+                             "caption_rows": int(n_empty), "shard": None})
+    return df[~empty], failures
+
+
+def _vocab(cfg: ShardConfig, df: Any) -> Vocab:
+    if cfg.vocab:
+        try:
+            return Vocab.load(cfg.vocab)
+        except (OSError, ValueError, KeyError) as exc:
+            raise UserError(f"--vocab {cfg.vocab}: cannot load ({exc})") from None
+    train = df.loc[df["split"] == "train", "caption"].tolist()
+    if not train:
+        raise UserError("no training captions to build a vocab from (check --splits or pass --vocab)")
+    return Vocab.build(train, min_count=cfg.min_count, max_size=cfg.max_vocab)
+
+
+# ---- plan --------------------------------------------------------------------------------------
+
+def plan_shards(cfg: ShardConfig, df: Any, vocab: Vocab) -> list[ShardTask]:
+    """Deterministic shards: by split, images in a seeded shuffle (so shards mix), chunked."""
+    df = df.assign(_row=np.arange(len(df))).sort_values(["image", "caption_idx", "_row"], kind="stable")
+    keys = make_keys(df["image"].unique().tolist())
+    groups: dict[str, list[ShardItem]] = {}
+    for image, rows in df.groupby("image", sort=True):
+        item = ShardItem(image=image, key=keys[image], captions=tuple(rows["caption"].tolist()),
+                         caption_idx=tuple(int(i) for i in rows["caption_idx"].tolist()))
+        groups.setdefault(str(rows["split"].iloc[0]), []).append(item)
+    splits = [s for s in SPLIT_ORDER if s in groups] + sorted(s for s in groups if s not in SPLIT_ORDER)
+    tasks = []
+    for split in splits:
+        items = groups[split]
+        order = np.random.default_rng([cfg.seed, zlib.crc32(split.encode())]).permutation(len(items))
+        items = [items[i] for i in order]
+        safe_split = re.sub(r"[^A-Za-z0-9_]", "_", split)
+        for n, start in enumerate(range(0, len(items), cfg.shard_size)):
+            tasks.append(ShardTask(
+                name=f"{safe_split}-{n:06d}", split=split, out_dir=cfg.out, images_root=cfg.images,
+                source=Path(cfg.captions).name, items=tuple(items[start:start + cfg.shard_size]),
+                vocab_words=tuple(vocab.words), image_size=cfg.image_size, resize=cfg.resize,
+                max_len=cfg.max_len, jpeg_quality=cfg.jpeg_quality, max_pixels=cfg.max_pixels))
+    return tasks
+
+
+def _comparable(cfg_dict: dict) -> dict:
+    return {k: v for k, v in cfg_dict.items() if k not in RUNTIME_FIELDS}
+
+
+def _prepare_out(cfg: ShardConfig, vocab: Vocab, tasks: list[ShardTask]) -> None:
+    """Refuse to mix builds; clear ours on --overwrite; drop temp files and shards not in the plan."""
+    out = Path(cfg.out)
+    manifest_path = out / "manifest.json"
+    if manifest_path.exists() and not cfg.overwrite:
+        try:
+            old = json.loads(manifest_path.read_text())
+            old_cfg, old_vocab = old["config"], old["vocab"]["hash"]
+        except (OSError, ValueError, KeyError, TypeError):
+            raise UserError(f"{manifest_path} is unreadable; use --overwrite to rebuild {out}") from None
+        new_cfg = _comparable(config.to_dict(cfg))
+        changed = sorted(k for k in set(new_cfg) | set(_comparable(old_cfg)) if new_cfg.get(k) != old_cfg.get(k))
+        if changed or old_vocab != vocab.hash:
+            what = f"config differs in {', '.join(changed)}" if changed else "the vocab differs"
+            raise UserError(f"{out} holds shards built differently ({what}); use --overwrite or another --out")
+    planned = {t.name for t in tasks}
+    for path in sorted(out.iterdir()):
+        match = _OUR_FILE.match(path.name)
+        if match and (cfg.overwrite or path.name.endswith(".tmp") or match["shard"] not in planned):
+            log.info("removing %s", path.name)
+            path.unlink()
+    if cfg.overwrite:
+        for name in ("manifest.json", "failures.jsonl"):
+            (out / name).unlink(missing_ok=True)
+
+
+# ---- run ---------------------------------------------------------------------------------------
+
+def _init_worker() -> None:
+    """One thread per worker: parallelism comes from the workers, not from BLAS/torch threads."""
+    for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
+        os.environ[var] = "1"
+    if "torch" in sys.modules:
+        sys.modules["torch"].set_num_threads(1)
+
+
+def _run_processes(todo: list[ShardTask], workers: int, bar: tqdm) -> list[dict]:
+    if workers <= 1:
+        return [write_shard(task, progress=bar.update) for task in todo]
+    method = "forkserver" if "forkserver" in multiprocessing.get_all_start_methods() else "spawn"
+    results = []
+    with cf.ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context(method),
+                                initializer=_init_worker) as pool:
+        futures = [pool.submit(write_shard, task) for task in todo]
+        for future in cf.as_completed(futures):
+            stats = future.result()
+            bar.update(stats["images_planned"])
+            results.append(stats)
+    return results
+
+
+def _run_ray(todo: list[ShardTask], cfg: ShardConfig, bar: tqdm) -> list[dict]:
+    import ray
+
+    started = not ray.is_initialized()
+    if started:
+        kwargs: dict[str, Any] = {"address": cfg.ray_address} if cfg.ray_address else {"num_cpus": cfg.workers or None}
+        ray.init(include_dashboard=False, log_to_driver=False, **kwargs)
+    try:
+        remote = ray.remote(num_cpus=1, max_retries=2)(write_shard)
+        pending = [remote.remote(task) for task in todo]
+        results = []
+        while pending:
+            done, pending = ray.wait(pending, num_returns=1)
+            for stats in ray.get(done):
+                bar.update(stats["images_planned"])
+                results.append(stats)
+        return results
+    finally:
+        if started:
+            ray.shutdown()
+
+
+def _write_shards(cfg: ShardConfig, tasks: list[ShardTask]) -> tuple[list[dict], int, float]:
+    """Stats of every planned shard in plan order; also images written now and seconds taken."""
+    done = {t.name: s for t in tasks if (s := read_complete_stats(t)) is not None}
+    todo = [t for t in tasks if t.name not in done]
+    if done:
+        log.info("resuming: %d of %d shards already complete, %d to write", len(done), len(tasks), len(todo))
+    workers = min(cfg.workers or os.cpu_count() or 1, max(len(todo), 1))
+    n_images = sum(len(t.items) for t in todo)
+    start = time.perf_counter()
+    with tqdm(total=n_images, unit="img", desc="build-shards", smoothing=0.1, mininterval=0.5) as bar:
+        if todo and cfg.engine == "ray":
+            results = _run_ray(todo, cfg, bar)
+        else:
+            results = _run_processes(todo, workers, bar)
+    done.update({s["shard"]: s for s in results})
+    return [done[t.name] for t in tasks], n_images, time.perf_counter() - start
+
+
+# ---- finish ------------------------------------------------------------------------------------
+
+def _version() -> str:
+    import itsim
+
+    version = getattr(itsim, "__version__", None)
+    if version is None:  # imported as a namespace package (stale editable install)
+        from importlib.metadata import PackageNotFoundError, version as dist_version
+        try:
+            version = dist_version("itsim")
+        except PackageNotFoundError:
+            version = "unknown"
+    return version
+
+
+def _write_text_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def _manifest(cfg: ShardConfig, report: Any, vocab: Vocab, tasks: list[ShardTask], stats: list[dict],
+              failures: list[dict], images_lost: int, split_report: dict, images_now: int,
+              seconds: float) -> dict:
+    splits: dict[str, dict] = {}
+    for task, s in zip(tasks, stats):
+        entry = splits.setdefault(task.split, {"images": 0, "captions": 0, "shards": 0, "shard_names": []})
+        entry["images"] += s["images_ok"]
+        entry["captions"] += s["captions"]
+        entry["shards"] += 1
+        entry["shard_names"].append(f"{task.name}.tar")
+    for split in SPLIT_ORDER:
+        splits.setdefault(split, {"images": 0, "captions": 0, "shards": 0, "shard_names": []})
+    by_reason: dict[str, dict[str, int]] = {}
+    for f in failures:
+        entry = by_reason.setdefault(f["reason"], {"records": 0, "caption_rows": 0})
+        entry["records"] += 1
+        entry["caption_rows"] += f["caption_rows"]
+    rows_failed = sum(f["caption_rows"] for f in failures)
+    rows_in_shards = sum(s["captions"] for s in stats)
+    return {
+        "itsim_version": _version(),
+        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "source": {"captions": cfg.captions, "file": Path(cfg.captions).name, "format": report.format,
+                   "images": cfg.images},
+        "config": config.to_dict(cfg),
+        "splits": {k: splits[k] for k in [*SPLIT_ORDER, *sorted(set(splits) - set(SPLIT_ORDER))]},
+        "split_report": split_report,
+        "vocab": {"file": "vocab.json", "hash": vocab.hash, "size": len(vocab), "source": cfg.vocab or "train split"},
+        "reader": report.to_dict(),
+        "failures": {"file": "failures.jsonl", "records": len(failures), "caption_rows": rows_failed,
+                     "images": images_lost + sum(s["images_planned"] - s["images_ok"] for s in stats),
+                     "by_reason": dict(sorted(by_reason.items()))},
+        "rows": {"input": report.rows_in, "in_shards": rows_in_shards, "in_failures": rows_failed,
+                 "accounted": rows_in_shards + rows_failed},
+        "failure_rate": rows_failed / max(report.rows_in, 1),
+        "images_written_now": images_now, "seconds": round(seconds, 2),
+        "images_per_second": round(images_now / seconds, 1) if seconds > 0 and images_now else None,
+    }
+
+
+def build_shards(cfg: ShardConfig) -> dict:
+    """Build (or resume) the shards described by `cfg`; returns the manifest.
+
+    Raises UserError for unusable input and FailureRateError (after writing every output) when
+    more than `max_failure_rate` of the caption rows were lost.
+    """
+    from itsim.data.captions import read_captions
+    from itsim.data.splits import assign_splits
+
+    cfg = _checked(cfg)
+    log.info(config.describe(cfg))
+    out = Path(cfg.out)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise UserError(f"cannot create --out {out}: {exc.strerror or exc}") from None
+
+    df, report = read_captions(cfg.captions, cfg.format, cfg.image_col, cfg.caption_col)
+    if report.rows_in == 0:
+        raise UserError(f"{cfg.captions}: no caption rows")
+    failures = _reader_failures(report)
+    n_images = df["image"].nunique()
+    df, empty = _split_empty_captions(df)
+    failures += empty
+    images_lost = n_images - df["image"].nunique()  # every caption empty
+    val_images = _read_val_images(cfg.val_images) if cfg.val_images else None
+    df = assign_splits(df, cfg.splits, cfg.seed, val_images)
+    split_report = dict(df.attrs.get("split_report", {}))
+    vocab = _vocab(cfg, df)
+    tasks = plan_shards(cfg, df, vocab)
+    _prepare_out(cfg, vocab, tasks)
+    vocab.save(out / "vocab.json")
+
+    stats, images_now, seconds = _write_shards(cfg, tasks)
+    for s in stats:
+        failures += s["failures"]
+    _write_text_atomic(out / "failures.jsonl", "".join(json.dumps(f, ensure_ascii=False) + "\n" for f in failures))
+    manifest = _manifest(cfg, report, vocab, tasks, stats, failures, images_lost, split_report, images_now,
+                         seconds)
+    rows = manifest["rows"]
+    if rows["accounted"] != rows["input"]:  # a bug in the accounting, not bad input
+        log.error("row accounting mismatch: %d input rows, %d in shards + %d in failures",
+                  rows["input"], rows["in_shards"], rows["in_failures"])
+    for reason, counts in manifest["failures"]["by_reason"].items():
+        log.warning("failures: %s: %d records, %d caption rows", reason, counts["records"], counts["caption_rows"])
+    _write_text_atomic(out / "manifest.json", json.dumps(manifest, indent=1, ensure_ascii=False))
+    if manifest["failure_rate"] > cfg.max_failure_rate:
+        raise FailureRateError(
+            f"{rows['in_failures']} of {rows['input']} caption rows failed ({manifest['failure_rate']:.1%} > "
+            f"--max-failure-rate {cfg.max_failure_rate:.1%}); see {out / 'failures.jsonl'}", manifest)
+    return manifest
+
+
+# ---- CLI ---------------------------------------------------------------------------------------
+
+def summary_line(manifest: dict) -> str:
+    splits = manifest["splits"].values()
+    rate = manifest["images_per_second"]
+    return (f"{sum(s['images'] for s in splits)} images, {sum(s['captions'] for s in splits)} captions, "
+            f"{sum(s['shards'] for s in splits)} shards, {manifest['failures']['records']} failures "
+            f"({manifest['failures']['caption_rows']} caption rows), "
+            f"{'%.1f images/s' % rate if rate else 'nothing to write'} -> {manifest['config']['out']}")
+
+
+def _main(args: argparse.Namespace) -> int:
+    try:
+        cfg = config.from_args(ShardConfig, args)
+    except (OSError, ValueError) as exc:
+        raise UserError(str(exc)) from None
+    try:
+        manifest = build_shards(cfg)
+    except FailureRateError as exc:
+        print(f"itsim build-shards: {summary_line(exc.manifest)}")
+        print(f"itsim build-shards: error: {exc}", file=sys.stderr)
+        return 1
+    print(f"itsim build-shards: {summary_line(manifest)}")
+    return 0
+
+
+def add_cli(subparsers: Any) -> None:
+    parser = subparsers.add_parser("build-shards", help="caption file + images -> WebDataset shards",
+                                   description=__doc__.splitlines()[0])
+    parser.add_argument("--config", metavar="FILE", help="YAML/TOML file of options (flags override it)")
+    config.add_arguments(parser, ShardConfig)
+    parser.set_defaults(func=_main)
