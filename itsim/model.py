@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
@@ -151,8 +152,20 @@ class ItsimModel(nn.Module):
     def head(self, image_vec: torch.Tensor, text_vec: torch.Tensor) -> torch.Tensor:
         return self.fusion(image_vec, text_vec)
 
-    def forward(self, images: torch.Tensor, ids: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
-        return self.head(self.encode_image(images), self.encode_text(ids, lengths))
+    def forward(self, images: torch.Tensor, ids: torch.Tensor, lengths: torch.Tensor,
+                image_index: torch.Tensor | None = None, text_index: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits for pairs (image_index[p], text_index[p]); without indices, image i with caption i.
+
+        Encoding each image and caption once and indexing the vectors is what lets one CNN pass serve
+        many pairs. Training goes through `forward` (not the encoders directly) so DDP sees the call.
+        """
+        image_vec = self.encode_image(images)
+        text_vec = self.encode_text(ids, lengths)
+        if image_index is not None:
+            image_vec = image_vec[image_index]
+        if text_index is not None:
+            text_vec = text_vec[text_index]
+        return self.head(image_vec, text_vec)
 
     @torch.no_grad()
     def score_matrix(self, image_vec: torch.Tensor, text_vec: torch.Tensor, chunk: int = 64) -> torch.Tensor:
@@ -165,6 +178,26 @@ class ItsimModel(nn.Module):
             pairs_txt = text_vec.repeat(img.shape[0], 1)
             rows.append(self.head(pairs_img, pairs_txt).view(img.shape[0], n_txt))
         return torch.cat(rows) if rows else image_vec.new_zeros((0, n_txt))
+
+
+@torch.no_grad()
+def encode_images(model: ItsimModel, images: "np.ndarray | torch.Tensor", device: torch.device,
+                  batch_size: int = 256) -> torch.Tensor:
+    """uint8 [N,H,W,3] -> image vectors [N, D] on `device`, in batches (eval mode is the caller's job)."""
+    images = torch.as_tensor(images)
+    out = [model.encode_image(images[i:i + batch_size].to(device, non_blocking=True))
+           for i in range(0, images.shape[0], batch_size)]
+    return torch.cat(out).float() if out else torch.zeros((0, model.cfg.image_dim), device=device)
+
+
+@torch.no_grad()
+def encode_captions(model: ItsimModel, ids: "np.ndarray | torch.Tensor", lengths: "np.ndarray | torch.Tensor",
+                    device: torch.device, batch_size: int = 1024) -> torch.Tensor:
+    """ids [N, L] + lengths [N] -> caption vectors [N, D] on `device`, in batches."""
+    ids, lengths = torch.as_tensor(ids), torch.as_tensor(lengths)
+    out = [model.encode_text(ids[i:i + batch_size].to(device), lengths[i:i + batch_size].to(device))
+           for i in range(0, ids.shape[0], batch_size)]
+    return torch.cat(out).float() if out else torch.zeros((0, model.cfg.text_dim), device=device)
 
 
 def count_parameters(model: nn.Module) -> int:

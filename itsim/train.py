@@ -1,0 +1,418 @@
+"""The training loop: one obvious loop driven by Accelerate.
+
+Run it as `itsim train ...` on one process, or `accelerate launch -m itsim.train ...` on many
+processes and machines. Accelerate handles devices, DDP, mixed precision and gradient accumulation;
+the data pipeline is built per rank (see data/loader.py) and never passed through `prepare()`.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import math
+import os
+import signal
+import sys
+import time
+from dataclasses import dataclass, field
+from datetime import timedelta
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+import torch.nn.functional as F
+
+from itsim import checkpoint, config
+from itsim.augment import augment, parse_ops
+from itsim.data.loader import StreamSpec, batches_per_epoch, make_loader, read_manifest, split_shards
+from itsim.data.pairs import balanced_pairs, in_batch_negatives, pick_captions, step_generator
+from itsim.errors import UserError
+from itsim.model import ItsimModel, ModelConfig, Preprocess, count_parameters, images_to_float, save_model
+from itsim.text import Vocab
+from itsim.validate import ValidationSet
+
+log = logging.getLogger("itsim.train")
+
+
+@dataclass
+class TrainConfig:
+    shards: str = field(default="", metadata={"help": "shard folder written by `itsim build-shards`"})
+    out: str = field(default="runs/train", metadata={"help": "run folder (checkpoints, metrics, model)"})
+    steps: int = field(default=0, metadata={"help": "optimizer steps; 0 = derive from --epochs"})
+    epochs: float = field(default=1.0, metadata={"help": "passes over the train images when --steps is 0"})
+    batch_size: int = field(default=64, metadata={"help": "images per batch per process"})
+    lr: float = 1e-3
+    weight_decay: float = 1e-4
+    warmup_steps: int = 100
+    min_lr_ratio: float = field(default=0.05, metadata={"help": "cosine schedule floor, as a fraction of --lr"})
+    grad_clip: float = field(default=1.0, metadata={"help": "max gradient norm; 0 = off"})
+    grad_accum: int = 1
+    mixed_precision: Literal["auto", "no", "bf16", "fp16"] = field(
+        default="auto", metadata={"help": "auto = bf16 on GPU, no (fp32) on CPU"})
+    pairs: Literal["balanced", "in-batch"] = field(default="balanced", metadata={"help": "how to form true/false pairs"})
+    negatives: Literal["random", "hard"] = field(default="random", metadata={"help": "in-batch negatives"})
+    negatives_k: int = field(default=7, metadata={"help": "negative captions per image (in-batch)"})
+    label_smoothing: float = 0.0
+    augment: str = field(default="", metadata={"help": "comma list of crop,flip ('' = none)"})
+    checkpoint_every: int = 250
+    keep: int = field(default=3, metadata={"help": "checkpoints kept"})
+    eval_every: int = field(default=250, metadata={"help": "validate every N steps (0 = only at the end)"})
+    log_every: int = 10
+    val_split: str = "val"
+    val_max_images: int = 1000
+    resume: str = field(default="", metadata={"help": "'auto' (newest complete checkpoint) or a checkpoint path"})
+    seed: int = 0
+    workers: int = field(default=2, metadata={"help": "DataLoader worker processes per rank"})
+    shuffle_buffer: int = 1000
+    sync_bn: bool = field(default=False, metadata={"help": "SyncBatchNorm across GPUs"})
+    compile: bool = field(default=False, metadata={"help": "torch.compile the image encoder and head"})
+    dist_timeout: int = field(default=600, metadata={"help": "seconds before a stuck collective fails"})
+    tensorboard: bool = field(default=True, metadata={"help": "log to TensorBoard when it is installed"})
+    # Model sizes (defaults: the reference design).
+    channels: tuple[int, ...] = (32, 64, 128, 256)
+    cnn_dropout: float = 0.2
+    image_dim: int = 512
+    embed_dim: int = 128
+    lstm_hidden: int = 128
+    lstm_layers: int = 3
+    lstm_dropout: float = 0.2
+    text_dim: int = 256
+    head_dim: int = 256
+    head_dropout: float = 0.3
+    channels_last: bool = False
+
+    def model_config(self, vocab_size: int) -> ModelConfig:
+        names = {f.name for f in dataclasses.fields(ModelConfig)}
+        return ModelConfig(vocab_size=vocab_size, **{k: v for k, v in dataclasses.asdict(self).items() if k in names
+                                                     and k != "vocab_size"})
+
+
+def lr_at(step: int, cfg: TrainConfig, total: int) -> float:
+    """Linear warm-up then cosine decay to `min_lr_ratio`; a pure function of the step (nothing to save)."""
+    if step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    progress = min(1.0, (step - cfg.warmup_steps) / max(1, total - cfg.warmup_steps))
+    return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+class StopFlag:
+    """Set by SIGTERM/SIGINT: finish the step, checkpoint, exit 0 (preemptible clusters)."""
+
+    def __init__(self) -> None:
+        self.raised = False
+        self._old = {}
+
+    def install(self) -> "StopFlag":
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            self._old[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum, frame) -> None:
+        if not self.raised:
+            log.warning("received %s: finishing this step, then checkpointing", signal.Signals(signum).name)
+        self.raised = True
+
+    def restore(self) -> None:
+        for sig, old in self._old.items():
+            signal.signal(sig, old)
+
+
+def _mixed_precision(cfg: TrainConfig) -> str:
+    if cfg.mixed_precision != "auto":
+        return cfg.mixed_precision
+    cpu_only = os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true") or not torch.cuda.is_available()
+    return "no" if cpu_only else "bf16"
+
+
+def _make_accelerator(cfg: TrainConfig):
+    from accelerate import Accelerator
+    from accelerate.utils import InitProcessGroupKwargs, ProjectConfiguration
+
+    trackers = None
+    if cfg.tensorboard:
+        import importlib.util
+
+        if importlib.util.find_spec("tensorboard") or importlib.util.find_spec("tensorboardX"):
+            trackers = "tensorboard"
+    mp = _mixed_precision(cfg)
+    accelerator = Accelerator(
+        mixed_precision=mp,
+        gradient_accumulation_steps=cfg.grad_accum,
+        log_with=trackers,
+        project_config=ProjectConfiguration(project_dir=cfg.out, logging_dir=str(Path(cfg.out) / "tb")),
+        kwargs_handlers=[InitProcessGroupKwargs(timeout=timedelta(seconds=cfg.dist_timeout))],
+    )
+    world_env = int(os.environ.get("WORLD_SIZE", "1"))
+    if world_env > 1 and accelerator.num_processes == 1:
+        raise UserError(
+            f"WORLD_SIZE={world_env} but Accelerate sees one process: the processes would train alone and "
+            "write the same checkpoints. On CPU launch with ACCELERATE_USE_CPU=1 (see launch/README.md).")
+    return accelerator, trackers
+
+
+def _step_pairs(batch: dict[str, Any], cfg: TrainConfig, gen: torch.Generator, device: torch.device):
+    """(caption ids, lengths, image_index, text_index, labels, weights) for one batch."""
+    b = batch["n_captions"].shape[0]
+    if cfg.pairs == "balanced":
+        ids, lengths, labels = balanced_pairs(batch, gen)
+        index = torch.arange(b)
+        weights = torch.full((b,), 1.0 / b)
+        return ids, lengths, index, index, labels, weights, None
+    own = pick_captions(batch["n_captions"], gen)
+    ids = batch["ids"][torch.arange(b), own]
+    lengths = batch["lengths"][torch.arange(b), own]
+    return ids, lengths, None, None, None, None, own
+
+
+def _in_batch_loss(model, images, ids, lengths, key_ids, cfg, gen, smoothing):
+    """Each image against its own caption and k others; positives and negatives weigh half each."""
+    b = images.shape[0]
+    k = max(1, min(cfg.negatives_k, b - 1))
+    device = images.device
+    if cfg.negatives == "hard":
+        # Score every image x caption once, then keep the highest-scoring wrong captions (VSE++).
+        img_index = torch.arange(b, device=device).repeat_interleave(b)
+        txt_index = torch.arange(b, device=device).repeat(b)
+        all_logits = model(images, ids, lengths, img_index, txt_index).view(b, b).float()
+        neg = in_batch_negatives(all_logits.detach().cpu(), key_ids, k, "hard", gen).to(device)
+        pos_logits = all_logits.diagonal()
+        neg_logits = all_logits.gather(1, neg)
+    else:
+        neg = in_batch_negatives(torch.zeros(b, b), key_ids, k, "random", gen).to(device)
+        img_index = torch.cat([torch.arange(b, device=device), torch.arange(b, device=device).repeat_interleave(k)])
+        txt_index = torch.cat([torch.arange(b, device=device), neg.reshape(-1)])
+        logits = model(images, ids, lengths, img_index, txt_index).float()
+        pos_logits, neg_logits = logits[:b], logits[b:].view(b, k)
+    pos_t = torch.full_like(pos_logits, 1.0 - smoothing)
+    neg_t = torch.full_like(neg_logits, smoothing)
+    loss = 0.5 * F.binary_cross_entropy_with_logits(pos_logits, pos_t) + \
+        0.5 * F.binary_cross_entropy_with_logits(neg_logits, neg_t)
+    correct = (pos_logits > 0).float().sum() + (neg_logits < 0).float().sum()
+    return loss, correct, b * (1 + k)
+
+
+def train(cfg: TrainConfig) -> dict[str, Any]:
+    """Train, checkpoint, validate, export `RUN/model/`; returns the final summary."""
+    from accelerate.utils import set_seed
+
+    if not cfg.shards:
+        raise UserError("--shards is required")
+    manifest = read_manifest(cfg.shards)
+    train_shards = split_shards(cfg.shards, "train")
+    n_train = int(manifest.get("splits", {}).get("train", {}).get("images", 0))
+    if not train_shards or n_train == 0:
+        raise UserError(f"{cfg.shards}: the train split is empty")
+    params = manifest.get("params", manifest.get("config", {}))
+    pre = Preprocess(image_size=int(params.get("image_size", 299)), resize=str(params.get("resize", "stretch")),
+                     max_len=int(params.get("max_len", 100)))
+    vocab = Vocab.load(Path(cfg.shards) / "vocab.json")
+    aug_ops = parse_ops(cfg.augment)
+
+    accelerator, trackers = _make_accelerator(cfg)
+    out = Path(cfg.out)
+    if accelerator.is_main_process:
+        out.mkdir(parents=True, exist_ok=True)
+        config.save(cfg, out / "config.yaml")
+        log.info("%s", config.describe(cfg))
+        log.info("distributed: %s, %d process(es), device %s, mixed precision %s",
+                 accelerator.distributed_type, accelerator.num_processes, accelerator.device, accelerator.mixed_precision)
+    set_seed(cfg.seed)
+    model = ItsimModel(cfg.model_config(len(vocab)))
+    if cfg.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    if cfg.sync_bn and accelerator.num_processes > 1:
+        if accelerator.device.type == "cuda":
+            model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+        else:
+            log.warning("--sync-bn needs GPUs; ignored on %s", accelerator.device)
+    if cfg.compile:
+        model.image_encoder.compile()
+        model.fusion.compile()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    device = accelerator.device
+
+    workers = max(0, cfg.workers)
+    bpe = batches_per_epoch(n_train, cfg.batch_size, accelerator.num_processes, workers)
+    total = cfg.steps or max(1, math.ceil(cfg.epochs * bpe / cfg.grad_accum))
+
+    step = 0
+    ckpt_dir = out / "checkpoints"
+    found = checkpoint.find_resume(ckpt_dir, cfg.resume) if cfg.resume else None
+    if found:
+        path, state = found
+        accelerator.load_state(str(path))
+        step = int(state["step"])
+        if state.get("workers") != workers or state.get("world_size") != accelerator.num_processes:
+            log.warning("resuming with a different worker/process count: the data order will differ")
+        log.info("resumed from %s (step %d)", path, step)
+    if step >= total:
+        log.info("already at step %d of %d", step, total)
+
+    spec = StreamSpec(shards=train_shards, batch_size=cfg.batch_size, batches_per_epoch=bpe, seed=cfg.seed,
+                      rank=accelerator.process_index, world_size=accelerator.num_processes,
+                      shuffle_buffer=cfg.shuffle_buffer, start_batch=step * cfg.grad_accum)
+    if len(train_shards) < accelerator.num_processes * max(1, workers):
+        log.warning("%d train shards for %d ranks x %d workers: sampling shards with replacement",
+                    len(train_shards), accelerator.num_processes, max(1, workers))
+    loader = make_loader(spec, workers=workers, pin_memory=device.type == "cuda")
+
+    val = None
+    if accelerator.is_main_process and manifest.get("splits", {}).get(cfg.val_split, {}).get("shards"):
+        val = ValidationSet.from_shards(cfg.shards, cfg.val_split, cfg.val_max_images)
+    if trackers:
+        accelerator.init_trackers("itsim", config=config.to_dict(cfg))
+
+    metrics_file = (out / "metrics.jsonl").open("a") if accelerator.is_main_process else None
+
+    def record(row: dict[str, Any]) -> None:
+        if metrics_file:
+            metrics_file.write(json.dumps(row) + "\n")
+            metrics_file.flush()
+            if trackers:
+                accelerator.log({k: v for k, v in row.items() if k != "step"}, step=row["step"])
+
+    def save_checkpoint() -> None:
+        checkpoint.save(accelerator, ckpt_dir, step, {
+            "epoch": step * cfg.grad_accum // bpe, "batches_consumed": step * cfg.grad_accum,
+            "workers": workers, "world_size": accelerator.num_processes, "seed": cfg.seed, "total_steps": total,
+        }, keep=cfg.keep)
+
+    stop = StopFlag().install()
+    progress = None
+    if accelerator.is_main_process:
+        from tqdm.auto import tqdm
+
+        progress = tqdm(total=total, initial=step, desc="train", unit="step", dynamic_ncols=True)
+    log.info("model: %s parameters; %d train images, %d batches/epoch/rank, %d steps", f"{count_parameters(model):,}",
+             n_train, bpe, total)
+    window = {"loss": 0.0, "correct": 0.0, "pairs": 0, "images": 0, "wait": 0.0, "time": 0.0, "batches": 0}
+    bad_samples: dict[int, int] = {}
+    last_val: dict[str, Any] = {}
+    batch_index = step * cfg.grad_accum
+    data_iter = iter(loader)
+    model.train()
+    try:
+        while step < total:
+            t0 = time.perf_counter()
+            batch = next(data_iter)
+            t_data = time.perf_counter() - t0
+            bad_samples[batch["worker"]] = batch["bad_samples"]
+            gen = step_generator(cfg.seed, batch_index, accelerator.process_index)
+            with accelerator.accumulate(model):
+                images = images_to_float(batch["images"].to(device, non_blocking=True), cfg.channels_last)
+                images = augment(images, aug_ops, gen)
+                ids, lengths, img_idx, txt_idx, labels, _, _ = _step_pairs(batch, cfg, gen, device)
+                ids, lengths = ids.to(device, non_blocking=True), lengths.to(device, non_blocking=True)
+                if cfg.pairs == "balanced":
+                    logits = model(images, ids, lengths).float()
+                    target = labels.to(device) * (1 - 2 * cfg.label_smoothing) + cfg.label_smoothing
+                    loss = F.binary_cross_entropy_with_logits(logits, target)
+                    correct = ((logits > 0).float() == labels.to(device)).float().sum()
+                    n_pairs = labels.shape[0]
+                else:
+                    loss, correct, n_pairs = _in_batch_loss(model, images, ids, lengths, batch["key_ids"], cfg, gen,
+                                                            cfg.label_smoothing)
+                accelerator.backward(loss)
+                if accelerator.sync_gradients and cfg.grad_clip > 0:
+                    accelerator.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+                for group in optimizer.param_groups:
+                    group["lr"] = lr_at(step, cfg, total)
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+            batch_index += 1
+            window["loss"] += loss.item()
+            window["correct"] += float(correct)
+            window["pairs"] += n_pairs
+            window["images"] += images.shape[0]
+            window["wait"] += t_data
+            window["time"] += time.perf_counter() - t0
+            window["batches"] += 1
+            if not accelerator.sync_gradients:
+                continue
+            step += 1
+            if progress:
+                progress.update(1)
+            if step % cfg.log_every == 0 or step == total:
+                n = accelerator.num_processes
+                row = {"step": step, "epoch": round(batch_index / bpe, 3), "loss": window["loss"] / window["batches"],
+                       "lr": lr_at(step - 1, cfg, total), "train_acc": window["correct"] / max(1, window["pairs"]),
+                       "images_per_s": n * window["images"] / window["time"], "pairs_per_s": n * window["pairs"] / window["time"],
+                       "data_wait": window["wait"] / window["time"], "bad_samples": sum(bad_samples.values())}
+                record(row)
+                if progress:
+                    progress.set_postfix(loss=f"{row['loss']:.3f}", acc=f"{row['train_acc']:.3f}",
+                                         img_s=f"{row['images_per_s']:.0f}")
+                window = dict.fromkeys(window, 0.0)
+            if val is not None and (step == total or (cfg.eval_every and step % cfg.eval_every == 0)):
+                last_val = val.evaluate(accelerator.unwrap_model(model), device)
+                record({"step": step, **last_val})
+                log.info("step %d: %s", step, ", ".join(f"{k} {v:.4f}" for k, v in last_val.items()))
+                model.train()
+            should_stop = _any_rank(accelerator, stop.raised)
+            if step % cfg.checkpoint_every == 0 or step == total or should_stop:
+                save_checkpoint()
+            if should_stop:
+                log.warning("stopped by signal at step %d; resume with --resume auto", step)
+                break
+    except checkpoint.CheckpointError as exc:
+        raise UserError(str(exc)) from None
+    except RuntimeError as exc:
+        if accelerator.num_processes > 1 and _looks_like_peer_failure(exc):
+            raise UserError(f"rank {accelerator.process_index}: a collective failed, another rank probably died "
+                            f"({str(exc).splitlines()[0][:200]})") from None
+        raise
+    finally:
+        stop.restore()
+        if progress:
+            progress.close()
+        if metrics_file:
+            metrics_file.close()
+
+    summary = {"step": step, "total_steps": total, "stopped_early": step < total, **last_val}
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process and step >= total:
+        model_dir = save_model(out / "model", accelerator.unwrap_model(model), vocab, pre,
+                               extra={"train": {"steps": step, "shards": str(cfg.shards), **last_val}})
+        summary["model_dir"] = str(model_dir)
+        (out / "train_summary.json").write_text(json.dumps(summary, indent=2))
+        log.info("model written to %s", model_dir)
+    if trackers:
+        accelerator.end_training()
+    return summary
+
+
+def _any_rank(accelerator, flag: bool) -> bool:
+    if accelerator.num_processes == 1:
+        return flag
+    return bool(accelerator.gather(torch.tensor([int(flag)], device=accelerator.device)).max().item())
+
+
+def _looks_like_peer_failure(exc: BaseException) -> bool:
+    text = str(exc).lower()
+    return any(s in text for s in ("connection", "gloo", "nccl", "timed out", "timeout", "peer", "broken pipe"))
+
+
+def _cli(args: argparse.Namespace) -> int:
+    cfg = config.from_args(TrainConfig, args)
+    summary = train(cfg)
+    return 0 if summary else 1
+
+
+def add_cli(subparsers) -> None:
+    p = subparsers.add_parser("train", help="train a model on shards (also: accelerate launch -m itsim.train)")
+    p.add_argument("--config", help="YAML/TOML file with TrainConfig fields (flags override it)")
+    config.add_arguments(p, TrainConfig)
+    p.set_defaults(func=_cli)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point for `python -m itsim.train` / `accelerate launch -m itsim.train`."""
+    from itsim.cli import main as cli_main
+
+    return cli_main(["train", *(sys.argv[1:] if argv is None else argv)])
+
+
+if __name__ == "__main__":
+    sys.exit(main())
