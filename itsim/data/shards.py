@@ -136,11 +136,14 @@ def _read_val_images(path: str) -> list[str]:
 
 
 def _reader_failures(report: Any) -> list[dict]:
-    """Rows the caption reader skipped: it reports reasons, counts and line numbers, not names."""
-    return [{"image": None, "reason": reason, "detail": f"skipped by the caption reader; lines "
-             f"{report.skipped_lines.get(reason, [])}{' (first ones)' if count > len(report.skipped_lines.get(reason, [])) else ''}",
-             "caption_rows": count, "shard": None, "lines": report.skipped_lines.get(reason, [])}
-            for reason, count in sorted(report.skipped.items())]
+    """Rows the caption reader skipped; it reports reasons, counts and line numbers, not names."""
+    records = []
+    for reason, count in sorted(report.skipped.items()):
+        lines = report.skipped_lines.get(reason, [])
+        more = " and more" if count > len(lines) else ""
+        records.append({"image": None, "reason": reason, "detail": f"skipped by the caption reader (lines {lines}{more})",
+                        "caption_rows": count, "shard": None, "lines": lines})
+    return records
 
 
 def _split_empty_captions(df: Any) -> tuple[Any, list[dict]]:
@@ -318,13 +321,14 @@ def _manifest(cfg: ShardConfig, report: Any, vocab: Vocab, tasks: list[ShardTask
               seconds: float) -> dict:
     splits: dict[str, dict] = {}
     for task, s in zip(tasks, stats):
-        entry = splits.setdefault(task.split, {"images": 0, "captions": 0, "shards": 0, "shard_names": []})
+        # `shards` lists file names (itsim.data.loader reads it); `n_shards` is its length.
+        entry = splits.setdefault(task.split, {"images": 0, "captions": 0, "n_shards": 0, "shards": []})
         entry["images"] += s["images_ok"]
         entry["captions"] += s["captions"]
-        entry["shards"] += 1
-        entry["shard_names"].append(f"{task.name}.tar")
+        entry["n_shards"] += 1
+        entry["shards"].append(f"{task.name}.tar")
     for split in SPLIT_ORDER:
-        splits.setdefault(split, {"images": 0, "captions": 0, "shards": 0, "shard_names": []})
+        splits.setdefault(split, {"images": 0, "captions": 0, "n_shards": 0, "shards": []})
     by_reason: dict[str, dict[str, int]] = {}
     for f in failures:
         entry = by_reason.setdefault(f["reason"], {"records": 0, "caption_rows": 0})
@@ -412,7 +416,7 @@ def summary_line(manifest: dict) -> str:
     splits = manifest["splits"].values()
     rate = manifest["images_per_second"]
     return (f"{sum(s['images'] for s in splits)} images, {sum(s['captions'] for s in splits)} captions, "
-            f"{sum(s['shards'] for s in splits)} shards, {manifest['failures']['records']} failures "
+            f"{sum(s['n_shards'] for s in splits)} shards, {manifest['failures']['records']} failures "
             f"({manifest['failures']['caption_rows']} caption rows), "
             f"{'%.1f images/s' % rate if rate else 'nothing to write'} -> {manifest['config']['out']}")
 
