@@ -380,3 +380,15 @@ def test_keys_are_safe_unique_and_dot_free():
     assert all(re.fullmatch(r"[A-Za-z0-9_-]{1,80}", k) for k in keys.values())
     assert keys["plain.jpg"] == "plain"
     assert make_keys(list(reversed(names))) == keys
+
+
+def test_config_file_with_flags_overriding_it(small, tmp_path, capsys):
+    captions, images, _ = small
+    cfg_file = tmp_path / "shards.yaml"
+    cfg_file.write_text(f"captions: {captions}\nimages: {images}\nimage_size: 32\nshard_size: 2\nworkers: 1\n")
+    out = tmp_path / "out"
+    assert cli_main(["build-shards", "--config", str(cfg_file), "--out", str(out), "--shard-size", "5"]) == 0
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["config"]["image_size"] == 32 and manifest["config"]["shard_size"] == 5
+    assert manifest["splits"]["train"]["n_shards"] == -(-manifest["splits"]["train"]["images"] // 5)
+    assert f"-> {out}" in capsys.readouterr().out

@@ -1,4 +1,4 @@
-"""Writing one shard: the unit of work that processes and Ray tasks run, and the unit of resume.
+"""Writing shards: one shard is the unit of work that processes and Ray tasks run, and of resume.
 
 A shard is written to a temporary name and renamed only when complete, then its `_stats.json` is
 written the same way; a shard counts as done only when both exist and the stats name the same plan
@@ -9,19 +9,23 @@ Kept free of torch/webdataset imports so that worker processes start fast.
 """
 from __future__ import annotations
 
+import concurrent.futures as cf
 import dataclasses
 import hashlib
 import io
 import json
 import logging
+import multiprocessing
 import os
 import re
+import sys
 import tarfile
 import time
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 import numpy as np
+from tqdm import tqdm
 
 from itsim.images import ImageError, encode_jpeg, load_image, safe_path
 from itsim.text import Vocab
@@ -201,3 +205,73 @@ def write_shard(task: ShardTask, progress: Callable[[int], None] | None = None) 
     }
     _write_json_atomic(task.stats_path, stats)
     return stats
+
+
+# ---- running many shards ----------------------------------------------------------------------
+
+def _init_worker() -> None:
+    """One thread per worker: parallelism comes from the workers, not from BLAS/torch threads."""
+    for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
+        os.environ[var] = "1"
+    if "torch" in sys.modules:
+        sys.modules["torch"].set_num_threads(1)
+
+
+def _run_processes(todo: list[ShardTask], workers: int, bar: tqdm) -> list[dict]:
+    if workers <= 1:
+        return [write_shard(task, progress=bar.update) for task in todo]
+    method = "forkserver" if "forkserver" in multiprocessing.get_all_start_methods() else "spawn"
+    results = []
+    with cf.ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context(method),
+                                initializer=_init_worker) as pool:
+        futures = [pool.submit(write_shard, task) for task in todo]
+        for future in cf.as_completed(futures):
+            stats = future.result()
+            bar.update(stats["images_planned"])
+            results.append(stats)
+    return results
+
+
+def _run_ray(todo: list[ShardTask], workers: int, address: str | None, bar: tqdm) -> list[dict]:
+    import ray
+
+    started = not ray.is_initialized()
+    if started:
+        kwargs: dict[str, Any] = {"address": address} if address else {"num_cpus": workers or None}
+        ray.init(include_dashboard=False, log_to_driver=False, **kwargs)
+    try:
+        remote = ray.remote(num_cpus=1, max_retries=2)(write_shard)
+        pending = [remote.remote(task) for task in todo]
+        results = []
+        while pending:
+            done, pending = ray.wait(pending, num_returns=1)
+            for stats in ray.get(done):
+                bar.update(stats["images_planned"])
+                results.append(stats)
+        return results
+    finally:
+        if started:
+            ray.shutdown()
+
+
+def run_shards(tasks: list[ShardTask], workers: int = 0, engine: str = "processes",
+               ray_address: str | None = None) -> tuple[list[dict], int, float]:
+    """Write the shards that are not complete yet, with `workers` processes (0 = all CPUs) or Ray tasks.
+
+    Returns the stats of every task in plan order, the images written now and the seconds taken.
+    """
+    done = {t.name: s for t in tasks if (s := read_complete_stats(t)) is not None}
+    # Largest shards first, so the last few small ones fill in around them (output order is the plan's).
+    todo = sorted((t for t in tasks if t.name not in done), key=lambda t: -len(t.items))
+    if done:
+        log.info("resuming: %d of %d shards already complete, %d to write", len(done), len(tasks), len(todo))
+    n_workers = min(workers or os.cpu_count() or 1, max(len(todo), 1))
+    n_images = sum(len(t.items) for t in todo)
+    start = time.perf_counter()
+    with tqdm(total=n_images, unit="img", desc="build-shards", smoothing=0.1, mininterval=0.5) as bar:
+        if todo and engine == "ray":
+            results = _run_ray(todo, workers, ray_address, bar)
+        else:
+            results = _run_processes(todo, n_workers, bar)
+    done.update({s["shard"]: s for s in results})
+    return [done[t.name] for t in tasks], n_images, time.perf_counter() - start

@@ -9,25 +9,21 @@ written last, so its presence means the build finished.
 from __future__ import annotations
 
 import argparse
-import concurrent.futures as cf
 import dataclasses
 import datetime
 import json
 import logging
-import multiprocessing
 import os
 import re
 import sys
-import time
 import zlib
 from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
-from tqdm import tqdm
 
 from itsim import config
-from itsim.data.shard_writer import ShardItem, ShardTask, make_keys, read_complete_stats, write_shard
+from itsim.data.shard_writer import ShardItem, ShardTask, make_keys, run_shards, write_shard
 from itsim.errors import UserError
 from itsim.images import DEFAULT_MAX_PIXELS, RESIZE_MODES
 from itsim.text import Vocab, normalize
@@ -42,36 +38,35 @@ _OUR_FILE = re.compile(r"^(?P<shard>[A-Za-z0-9_]+-\d{6})(\.tar|_stats\.json)(\.t
 __all__ = ["ShardConfig", "FailureRateError", "build_shards", "write_shard", "add_cli"]
 
 
+def _opt(default: Any, help: str) -> Any:
+    return dataclasses.field(default=default, metadata={"help": help})
+
+
 @dataclasses.dataclass
 class ShardConfig:
-    captions: str = dataclasses.field(default="", metadata={"help": "caption file (any supported format)"})
-    images: str = dataclasses.field(default="", metadata={"help": "folder the image names are relative to"})
-    out: str = dataclasses.field(default="", metadata={"help": "output folder for shards, vocab, manifest"})
-    format: str = dataclasses.field(default="auto", metadata={"help": "caption file format or auto"})
-    image_col: str | None = dataclasses.field(default=None, metadata={"help": "image column of a generic table"})
-    caption_col: str | None = dataclasses.field(default=None, metadata={"help": "caption column of a generic table"})
-    image_size: int = dataclasses.field(default=299, metadata={"help": "side of the square stored images"})
-    resize: Literal["stretch", "center_crop", "pad"] = dataclasses.field(
-        default="stretch", metadata={"help": "how images become square"})
-    max_len: int = dataclasses.field(default=100, metadata={"help": "token ids per caption (truncate/pad)"})
-    shard_size: int = dataclasses.field(default=1000, metadata={"help": "images per shard at most"})
-    workers: int = dataclasses.field(default=0, metadata={"help": "parallel shard writers; 0 = all CPUs"})
-    engine: Literal["processes", "ray"] = dataclasses.field(
-        default="processes", metadata={"help": "run shard writers as local processes or Ray tasks"})
-    ray_address: str | None = dataclasses.field(default=None, metadata={"help": "Ray cluster address; none = local"})
-    splits: tuple[float, ...] = dataclasses.field(
-        default=(0.9, 0.05, 0.05), metadata={"help": "train,val,test fractions for images without a source split"})
-    val_images: str | None = dataclasses.field(
-        default=None, metadata={"help": "file listing the val images (one per line, or a TSV whose first column is the image)"})
-    seed: int = dataclasses.field(default=0, metadata={"help": "seed for hashed splits and shard order"})
-    vocab: str | None = dataclasses.field(default=None, metadata={"help": "use this vocab.json instead of building one"})
-    min_count: int = dataclasses.field(default=1, metadata={"help": "drop words seen fewer times in train"})
-    max_vocab: int = dataclasses.field(default=20000, metadata={"help": "vocab size including <pad>, <unk>"})
-    jpeg_quality: int = dataclasses.field(default=95, metadata={"help": "JPEG quality of stored images"})
-    max_pixels: int = dataclasses.field(default=DEFAULT_MAX_PIXELS, metadata={"help": "refuse larger images (bombs)"})
-    max_failure_rate: float = dataclasses.field(
-        default=0.1, metadata={"help": "fail (exit 1) when a larger fraction of caption rows is lost"})
-    overwrite: bool = dataclasses.field(default=False, metadata={"help": "replace an output built with another config"})
+    captions: str = _opt("", "caption file (any supported format)")
+    images: str = _opt("", "folder the image names are relative to")
+    out: str = _opt("", "output folder for shards, vocab, manifest")
+    format: str = _opt("auto", "caption file format or auto")
+    image_col: str | None = _opt(None, "image column of a generic table")
+    caption_col: str | None = _opt(None, "caption column of a generic table")
+    image_size: int = _opt(299, "side of the square stored images")
+    resize: Literal["stretch", "center_crop", "pad"] = _opt("stretch", "how images become square")
+    max_len: int = _opt(100, "token ids per caption (truncate/pad)")
+    shard_size: int = _opt(1000, "images per shard at most")
+    workers: int = _opt(0, "parallel shard writers; 0 = all CPUs")
+    engine: Literal["processes", "ray"] = _opt("processes", "run shard writers as local processes or Ray tasks")
+    ray_address: str | None = _opt(None, "Ray cluster address; none = start a local Ray")
+    splits: tuple[float, ...] = _opt((0.9, 0.05, 0.05), "train,val,test fractions for images without a source split")
+    val_images: str | None = _opt(None, "file of val image names (one per line, or a TSV with the image first)")
+    seed: int = _opt(0, "seed for hashed splits and shard order")
+    vocab: str | None = _opt(None, "use this vocab.json instead of building one from train")
+    min_count: int = _opt(1, "drop words seen fewer times in train")
+    max_vocab: int = _opt(20000, "vocab size including <pad>, <unk>")
+    jpeg_quality: int = _opt(95, "JPEG quality of stored images")
+    max_pixels: int = _opt(DEFAULT_MAX_PIXELS, "refuse larger images (decompression bombs)")
+    max_failure_rate: float = _opt(0.1, "exit 1 when a larger fraction of caption rows is lost")
+    overwrite: bool = _opt(False, "replace an output built with another config")
 
 
 class FailureRateError(Exception):
@@ -230,71 +225,6 @@ def _prepare_out(cfg: ShardConfig, vocab: Vocab, tasks: list[ShardTask]) -> None
             (out / name).unlink(missing_ok=True)
 
 
-# ---- run ---------------------------------------------------------------------------------------
-
-def _init_worker() -> None:
-    """One thread per worker: parallelism comes from the workers, not from BLAS/torch threads."""
-    for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
-        os.environ[var] = "1"
-    if "torch" in sys.modules:
-        sys.modules["torch"].set_num_threads(1)
-
-
-def _run_processes(todo: list[ShardTask], workers: int, bar: tqdm) -> list[dict]:
-    if workers <= 1:
-        return [write_shard(task, progress=bar.update) for task in todo]
-    method = "forkserver" if "forkserver" in multiprocessing.get_all_start_methods() else "spawn"
-    results = []
-    with cf.ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context(method),
-                                initializer=_init_worker) as pool:
-        futures = [pool.submit(write_shard, task) for task in todo]
-        for future in cf.as_completed(futures):
-            stats = future.result()
-            bar.update(stats["images_planned"])
-            results.append(stats)
-    return results
-
-
-def _run_ray(todo: list[ShardTask], cfg: ShardConfig, bar: tqdm) -> list[dict]:
-    import ray
-
-    started = not ray.is_initialized()
-    if started:
-        kwargs: dict[str, Any] = {"address": cfg.ray_address} if cfg.ray_address else {"num_cpus": cfg.workers or None}
-        ray.init(include_dashboard=False, log_to_driver=False, **kwargs)
-    try:
-        remote = ray.remote(num_cpus=1, max_retries=2)(write_shard)
-        pending = [remote.remote(task) for task in todo]
-        results = []
-        while pending:
-            done, pending = ray.wait(pending, num_returns=1)
-            for stats in ray.get(done):
-                bar.update(stats["images_planned"])
-                results.append(stats)
-        return results
-    finally:
-        if started:
-            ray.shutdown()
-
-
-def _write_shards(cfg: ShardConfig, tasks: list[ShardTask]) -> tuple[list[dict], int, float]:
-    """Stats of every planned shard in plan order; also images written now and seconds taken."""
-    done = {t.name: s for t in tasks if (s := read_complete_stats(t)) is not None}
-    todo = [t for t in tasks if t.name not in done]
-    if done:
-        log.info("resuming: %d of %d shards already complete, %d to write", len(done), len(tasks), len(todo))
-    workers = min(cfg.workers or os.cpu_count() or 1, max(len(todo), 1))
-    n_images = sum(len(t.items) for t in todo)
-    start = time.perf_counter()
-    with tqdm(total=n_images, unit="img", desc="build-shards", smoothing=0.1, mininterval=0.5) as bar:
-        if todo and cfg.engine == "ray":
-            results = _run_ray(todo, cfg, bar)
-        else:
-            results = _run_processes(todo, workers, bar)
-    done.update({s["shard"]: s for s in results})
-    return [done[t.name] for t in tasks], n_images, time.perf_counter() - start
-
-
 # ---- finish ------------------------------------------------------------------------------------
 
 def _version() -> str:
@@ -390,7 +320,7 @@ def build_shards(cfg: ShardConfig) -> dict:
     _prepare_out(cfg, vocab, tasks)
     vocab.save(out / "vocab.json")
 
-    stats, images_now, seconds = _write_shards(cfg, tasks)
+    stats, images_now, seconds = run_shards(tasks, cfg.workers, cfg.engine, cfg.ray_address)
     for s in stats:
         failures += s["failures"]
     _write_text_atomic(out / "failures.jsonl", "".join(json.dumps(f, ensure_ascii=False) + "\n" for f in failures))
