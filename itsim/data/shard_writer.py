@@ -21,6 +21,7 @@ import re
 import sys
 import tarfile
 import time
+import uuid
 from pathlib import Path
 from typing import Any, Callable
 
@@ -128,8 +129,13 @@ def _add_member(tar: tarfile.TarFile, name: str, data: bytes) -> None:
     tar.addfile(info, io.BytesIO(data))
 
 
+def _temp_name(path: Path) -> Path:
+    """A temp file per writer: an orphaned worker of a killed build may still be writing this shard."""
+    return path.with_name(f"{path.name}.{uuid.uuid4().hex[:12]}.tmp")
+
+
 def _write_json_atomic(path: Path, obj: object) -> None:
-    tmp = path.with_name(path.name + ".tmp")
+    tmp = _temp_name(path)
     tmp.write_text(json.dumps(obj, indent=1))
     os.replace(tmp, path)
 
@@ -159,7 +165,7 @@ def write_shard(task: ShardTask, progress: Callable[[int], None] | None = None) 
     start = time.perf_counter()
     vocab = Vocab(task.vocab_words)
     task.stats_path.unlink(missing_ok=True)  # a stale stats file must never vouch for a new tar
-    tmp = task.tar_path.with_name(task.tar_path.name + ".tmp")
+    tmp = _temp_name(task.tar_path)
     failures: list[dict] = []
     images_ok = captions = 0
     with open(tmp, "wb") as fh:
@@ -222,13 +228,15 @@ def _run_processes(todo: list[ShardTask], workers: int, bar: tqdm) -> list[dict]
         return [write_shard(task, progress=bar.update) for task in todo]
     method = "forkserver" if "forkserver" in multiprocessing.get_all_start_methods() else "spawn"
     results = []
-    with cf.ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context(method),
-                                initializer=_init_worker) as pool:
+    pool = cf.ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context(method), initializer=_init_worker)
+    try:
         futures = [pool.submit(write_shard, task) for task in todo]
         for future in cf.as_completed(futures):
             stats = future.result()
             bar.update(stats["images_planned"])
             results.append(stats)
+    finally:  # on Ctrl-C or an error, do not start the queued shards
+        pool.shutdown(wait=True, cancel_futures=True)
     return results
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import datetime
+import itertools
 import json
 import logging
 import os
@@ -33,7 +34,7 @@ log = logging.getLogger(__name__)
 SPLIT_ORDER = ("train", "val", "test")
 # Fields that do not change the output: a re-run may change them freely.
 RUNTIME_FIELDS = ("out", "workers", "engine", "ray_address", "overwrite", "max_failure_rate")
-_OUR_FILE = re.compile(r"^(?P<shard>[A-Za-z0-9_]+-\d{6})(\.tar|_stats\.json)(\.tmp)?$")
+_OUR_FILE = re.compile(r"^(?P<shard>[A-Za-z0-9_]+-\d{6})(\.tar|_stats\.json)(\.[0-9a-f]+\.tmp)?$")
 
 __all__ = ["ShardConfig", "FailureRateError", "build_shards", "write_shard", "add_cli"]
 
@@ -172,13 +173,15 @@ def _vocab(cfg: ShardConfig, df: Any) -> Vocab:
 
 def plan_shards(cfg: ShardConfig, df: Any, vocab: Vocab) -> list[ShardTask]:
     """Deterministic shards: by split, images in a seeded shuffle (so shards mix), chunked."""
-    df = df.assign(_row=np.arange(len(df))).sort_values(["image", "caption_idx", "_row"], kind="stable")
+    df = df.sort_values(["image", "caption_idx"], kind="stable")  # stable: file order breaks ties
     keys = make_keys(df["image"].unique().tolist())
     groups: dict[str, list[ShardItem]] = {}
-    for image, rows in df.groupby("image", sort=True):
-        item = ShardItem(image=image, key=keys[image], captions=tuple(rows["caption"].tolist()),
-                         caption_idx=tuple(int(i) for i in rows["caption_idx"].tolist()))
-        groups.setdefault(str(rows["split"].iloc[0]), []).append(item)
+    rows = zip(df["image"].tolist(), df["caption_idx"].tolist(), df["caption"].tolist(), df["split"].tolist())
+    for image, group in itertools.groupby(rows, key=lambda row: row[0]):
+        group = list(group)
+        item = ShardItem(image=image, key=keys[image], captions=tuple(r[2] for r in group),
+                         caption_idx=tuple(int(r[1]) for r in group))
+        groups.setdefault(str(group[0][3]), []).append(item)
     splits = [s for s in SPLIT_ORDER if s in groups] + sorted(s for s in groups if s not in SPLIT_ORDER)
     tasks = []
     for split in splits:
