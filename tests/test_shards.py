@@ -392,3 +392,5 @@ def test_config_file_with_flags_overriding_it(small, tmp_path, capsys):
     assert manifest["config"]["image_size"] == 32 and manifest["config"]["shard_size"] == 5
     assert manifest["splits"]["train"]["n_shards"] == -(-manifest["splits"]["train"]["images"] // 5)
     assert f"-> {out}" in capsys.readouterr().out
+    assert cli_main(["build-shards", "--config", str(out / "build_config.yaml")]) == 0  # a repeat: all complete
+    assert json.loads((out / "manifest.json").read_text())["images_written_now"] == 0

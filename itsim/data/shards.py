@@ -322,6 +322,7 @@ def build_shards(cfg: ShardConfig) -> dict:
     tasks = plan_shards(cfg, df, vocab)
     _prepare_out(cfg, vocab, tasks)
     vocab.save(out / "vocab.json")
+    config.save(cfg, out / "build_config.yaml")  # `--config OUT/build_config.yaml` repeats this build
 
     stats, images_now, seconds = run_shards(tasks, cfg.workers, cfg.engine, cfg.ray_address)
     for s in stats:
