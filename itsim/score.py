@@ -1,0 +1,272 @@
+"""Score image-caption pairs with a trained model: the in-process `Scorer` and the row preprocessing
+that the Ray job (`itsim score`, in `itsim.score_ray`) runs on its CPU workers.
+
+Ray and in-process scores are the same numbers because both run the same two steps:
+`prepare_rows` (decode, resize, tokenise through `itsim.images` and `itsim.text`; every bad row gets
+an error reason instead of raising) and `Scorer.score_prepared` (the model, batched). Error reasons
+are `ImageError.reason` codes (`missing`, `decode_error`, `not_an_image`, `too_many_pixels`,
+`path_escape`, `bad_name`, ...) or the caption codes `empty_caption` (nothing left after
+normalisation) and `not_text` (not a string, e.g. null).
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator, Sequence
+
+import numpy as np
+import torch
+from PIL import Image
+
+from itsim.images import DEFAULT_MAX_PIXELS, ImageError, load_image, safe_path, to_array
+from itsim.model import ItsimModel, Preprocess, load_model, resolve_device
+from itsim.text import Vocab, normalize
+
+log = logging.getLogger(__name__)
+
+__all__ = ["Scorer", "Prepared", "prepare_rows", "prepare_images", "prepare_captions", "caption_error", "add_cli"]
+
+
+@dataclass
+class Prepared:
+    """A batch ready for the model; rows with an error hold zeros and are never scored."""
+
+    pixels: np.ndarray  # uint8 [n, S, S, 3]
+    ids: np.ndarray  # int32 [n, max_len]
+    lengths: np.ndarray  # int32 [n]
+    errors: list[str | None]
+
+    def __len__(self) -> int:
+        return len(self.errors)
+
+    @property
+    def ok(self) -> np.ndarray:
+        return np.array([e is None for e in self.errors], dtype=bool)
+
+
+def caption_error(caption: object) -> str | None:
+    if not isinstance(caption, str):
+        return "not_text"
+    if not normalize(caption):
+        return "empty_caption"
+    return None
+
+
+def _image_source(source: Any, images_root: str | Path | None, base_dir: str | Path | None) -> tuple[Any, Any]:
+    """(what `load_image` reads, a key to decode each distinct image once per batch)."""
+    if isinstance(source, Image.Image):
+        return source, id(source)
+    if isinstance(source, (bytes, bytearray, memoryview)):
+        data = bytes(source)
+        return data, data
+    if isinstance(source, os.PathLike):
+        source = os.fspath(source)
+    if not isinstance(source, str) or not source.strip():
+        raise ImageError("bad_name", repr(source))
+    if images_root is not None:
+        path = safe_path(images_root, source)
+    else:
+        path = Path(base_dir or ".") / source
+    return path, str(path)
+
+
+def prepare_images(images: Sequence[Any], pre: Preprocess, images_root: str | Path | None = None,
+                   max_pixels: int = DEFAULT_MAX_PIXELS, errors: Sequence[str | None] | None = None,
+                   base_dir: str | Path | None = None) -> tuple[np.ndarray, list[str | None]]:
+    """Images (relative path, path, bytes or PIL) -> uint8 [n, S, S, 3] and an error per row.
+
+    Relative paths resolve safely under `images_root` (`path_escape` otherwise); without a root,
+    paths are taken as written, relative ones against `base_dir` (default: the current directory).
+    Rows whose `errors` entry is already set are skipped. An image repeated in the batch (five
+    captions of one photo) is decoded once.
+    """
+    size = pre.image_size
+    errors = list(errors) if errors is not None else [None] * len(images)
+    pixels = np.zeros((len(images), size, size, 3), dtype=np.uint8)
+    cache: dict[Any, np.ndarray | str] = {}
+    for row, source in enumerate(images):
+        if errors[row] is not None:
+            continue
+        try:
+            readable, key = _image_source(source, images_root, base_dir)
+        except ImageError as exc:
+            errors[row] = exc.reason
+            continue
+        if key not in cache:
+            try:
+                cache[key] = to_array(load_image(readable, size, pre.resize, max_pixels))
+            except ImageError as exc:
+                cache[key] = exc.reason
+            except Exception:  # noqa: BLE001 - a decoder bug must cost one row, not the job
+                log.debug("unexpected error loading %r", key if isinstance(key, str) else "image", exc_info=True)
+                cache[key] = "unexpected_error"
+        value = cache[key]
+        if isinstance(value, str):
+            errors[row] = value
+        else:
+            pixels[row] = value
+    return pixels, errors
+
+
+def prepare_captions(captions: Sequence[Any], pre: Preprocess, vocab: Vocab,
+                     errors: Sequence[str | None] | None = None) -> tuple[np.ndarray, np.ndarray, list[str | None]]:
+    """Captions -> (ids, lengths, error per row); rows with an error are encoded as empty."""
+    errs: list[str | None] = list(errors) if errors is not None else [None] * len(captions)
+    for row, caption in enumerate(captions):
+        if errs[row] is None:
+            errs[row] = caption_error(caption)
+    ids, lengths = vocab.encode([c if e is None else "" for c, e in zip(captions, errs)], pre.max_len)
+    return ids, lengths, errs
+
+
+def prepare_rows(images: Sequence[Any], captions: Sequence[Any], pre: Preprocess, vocab: Vocab,
+                 images_root: str | Path | None = None, max_pixels: int = DEFAULT_MAX_PIXELS,
+                 errors: Sequence[str | None] | None = None, base_dir: str | Path | None = None) -> Prepared:
+    """Pairs -> model inputs; the one preprocessing path of `Scorer` and of the Ray job.
+
+    The caption is checked first (cheap), so a row with a bad caption never decodes its image.
+    `errors` carries reasons found earlier (a broken shard sample) and keeps them.
+    """
+    if len(images) != len(captions):
+        raise ValueError(f"{len(images)} images but {len(captions)} captions")
+    ids, lengths, errs = prepare_captions(captions, pre, vocab, errors)
+    pixels, errs = prepare_images(images, pre, images_root, max_pixels, errs, base_dir)
+    return Prepared(pixels, ids, lengths, errs)
+
+
+def _column(batch: Any, name: str) -> list:
+    """One column of a dict of columns, a pandas DataFrame or a pyarrow Table, as a Python list."""
+    if hasattr(batch, "column_names") and hasattr(batch, "column"):  # pyarrow.Table
+        return batch.column(name).to_pylist()
+    values = batch[name]
+    if hasattr(values, "tolist"):
+        values = values.tolist()
+    values = list(values)
+    # pandas/numpy turn a missing string into NaN; a missing value is a null, not a float.
+    return [None if isinstance(v, float) and np.isnan(v) else v for v in values]
+
+
+class Scorer:
+    """A loaded model that scores image-caption pairs (probability that the caption fits the image).
+
+    `score` for Python callers; `score_rows` for a table batch (what the Ray actors run, through
+    `prepare_rows` + `score_prepared`). fp32 on CPU; bf16 autocast on CUDA.
+    """
+
+    def __init__(self, model: ItsimModel, vocab: Vocab, pre: Preprocess, device: torch.device, *,
+                 images_root: str | Path | None = None, max_pixels: int = DEFAULT_MAX_PIXELS,
+                 batch_size: int = 256):
+        self.model = model.eval()
+        self.vocab = vocab
+        self.pre = pre
+        self.device = device
+        self.images_root = images_root
+        self.max_pixels = max_pixels
+        self.batch_size = batch_size
+
+    @classmethod
+    def from_dir(cls, model_dir: str | Path, device: str = "auto", **kwargs: Any) -> "Scorer":
+        dev = resolve_device(device)
+        model, vocab, pre = load_model(model_dir, dev)
+        return cls(model, vocab, pre, dev, **kwargs)
+
+    # --- tensors ------------------------------------------------------------------------------
+
+    def _autocast(self) -> contextlib.AbstractContextManager:
+        if self.device.type == "cuda":
+            return torch.autocast("cuda", dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+    def _to_device(self, array: np.ndarray) -> torch.Tensor:
+        tensor = torch.from_numpy(np.ascontiguousarray(array))
+        if self.device.type == "cuda":
+            return tensor.pin_memory().to(self.device, non_blocking=True)
+        return tensor
+
+    def _chunks(self, n: int) -> Iterator[slice]:
+        for start in range(0, n, self.batch_size):
+            yield slice(start, min(n, start + self.batch_size))
+
+    def encode_images(self, pixels: np.ndarray) -> torch.Tensor:
+        """uint8 [n, S, S, 3] -> float32 image vectors [n, image_dim] on the device."""
+        with torch.inference_mode(), self._autocast():
+            parts = [self.model.encode_image(self._to_device(pixels[s])).float() for s in self._chunks(len(pixels))]
+        return torch.cat(parts) if parts else torch.zeros((0, self.model.cfg.image_dim), device=self.device)
+
+    def encode_texts(self, ids: np.ndarray, lengths: np.ndarray) -> torch.Tensor:
+        with torch.inference_mode(), self._autocast():
+            parts = [self.model.encode_text(self._to_device(ids[s]), torch.from_numpy(lengths[s])).float()
+                     for s in self._chunks(len(ids))]
+        return torch.cat(parts) if parts else torch.zeros((0, self.model.cfg.text_dim), device=self.device)
+
+    def matrix_from_vectors(self, image_vecs: torch.Tensor, text_vecs: torch.Tensor) -> np.ndarray:
+        """Probabilities [n_img, n_txt] from encoded vectors, running only the head over every pair."""
+        chunk = max(1, 65536 // max(1, len(text_vecs)))  # bound the pairs tensor to ~65k rows
+        with torch.inference_mode(), self._autocast():
+            logits = self.model.score_matrix(image_vecs, text_vecs, chunk=chunk)
+        return torch.sigmoid(logits.float()).cpu().numpy()
+
+    # --- rows -----------------------------------------------------------------------------------
+
+    def prepare(self, images: Sequence[Any], captions: Sequence[Any],
+                errors: Sequence[str | None] | None = None) -> Prepared:
+        return prepare_rows(images, captions, self.pre, self.vocab, self.images_root, self.max_pixels, errors)
+
+    def score_prepared(self, prep: Prepared) -> np.ndarray:
+        """float32 probabilities, NaN where the row has an error."""
+        scores = np.full(len(prep), np.nan, dtype=np.float32)
+        ok = np.flatnonzero(prep.ok)
+        with torch.inference_mode(), self._autocast():
+            for s in self._chunks(len(ok)):
+                rows = ok[s]
+                logits = self.model(self._to_device(prep.pixels[rows]), self._to_device(prep.ids[rows]),
+                                    torch.from_numpy(prep.lengths[rows]))
+                scores[rows] = torch.sigmoid(logits.float()).cpu().numpy()
+        return scores
+
+    def score_rows(self, batch: Any, image_col: str = "image", caption_col: str = "caption",
+                   image_bytes_col: str | None = None) -> tuple[np.ndarray, list[str | None]]:
+        """A table batch (dict of columns, DataFrame, pyarrow Table) -> (scores, error per row).
+
+        With `image_bytes_col`, images come from that column's encoded bytes (shard rows) instead
+        of the paths in `image_col`.
+        """
+        images = _column(batch, image_bytes_col or image_col)
+        prep = self.prepare(images, _column(batch, caption_col))
+        return self.score_prepared(prep), prep.errors
+
+    def score(self, images: Sequence[Any], captions: Sequence[Any]) -> np.ndarray:
+        """Probabilities for (images[i], captions[i]); NaN (and a warning) for rows that cannot be scored.
+
+        Images are PIL images, paths (relative ones under `images_root` when set) or encoded bytes.
+        """
+        prep = self.prepare(list(images), list(captions))
+        bad = Counter(e for e in prep.errors if e is not None)
+        if bad:
+            log.warning("%d of %d pairs not scored: %s", sum(bad.values()), len(prep),
+                        ", ".join(f"{k}={v}" for k, v in sorted(bad.items())))
+        return self.score_prepared(prep)
+
+    def score_matrix(self, images: Sequence[Any], captions: Sequence[Any]) -> np.ndarray:
+        """Probabilities for every image x every caption [n_img, n_txt]; NaN rows/columns for bad inputs."""
+        pixels, img_err = prepare_images(list(images), self.pre, self.images_root, self.max_pixels)
+        ids, lengths, txt_err = prepare_captions(list(captions), self.pre, self.vocab)
+        txt_ok = np.array([e is None for e in txt_err], dtype=bool)
+        img_ok = np.array([e is None for e in img_err], dtype=bool)
+        out = np.full((len(images), len(captions)), np.nan, dtype=np.float32)
+        if img_ok.any() and txt_ok.any():
+            img_vecs = self.encode_images(pixels[img_ok])
+            txt_vecs = self.encode_texts(ids[txt_ok], lengths[txt_ok])
+            out[np.ix_(img_ok, txt_ok)] = self.matrix_from_vectors(img_vecs, txt_vecs)
+        return out
+
+
+def add_cli(subparsers: Any) -> None:
+    """`itsim score` (the CLI maps the command to this module; the job lives in `itsim.score_ray`)."""
+    from itsim.score_ray import add_cli as _add_cli
+
+    _add_cli(subparsers)
