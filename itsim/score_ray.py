@@ -302,6 +302,8 @@ def run_score(cfg: ScoreConfig) -> dict[str, Any]:
     summary = {"mode": cfg.mode, "inputs": len(files), "format": fmt, **counts, "seconds": round(seconds, 2),
                "job_seconds": round(job, 2), "rows_per_second": round(counts["rows"] / job, 1) if job > 0 else None,
                "output": str(out), "resources": dataclasses.asdict(res)}
+    if cfg.mode == "topk":
+        summary["pairs_per_second"] = round(counts["pairs"] / job, 1) if job > 0 else None
     (out / "_summary.json").write_text(json.dumps(summary, indent=1))
     return summary
 
@@ -310,7 +312,7 @@ def summary_line(s: dict[str, Any]) -> str:
     errors = ", ".join(f"{k}={v}" for k, v in s.get("errors", {}).items()) or "none"
     if s["mode"] == "topk":
         return (f"top-{s['k']} for {s['images']} images x {s['captions']} captions ({s['pairs']} pairs), "
-                f"errors: {errors}; {s['seconds']} s wall -> {s['output']}")
+                f"errors: {errors}; {s['seconds']} s wall ({s['pairs_per_second']} pairs/s) -> {s['output']}")
     return (f"{s['rows']} rows in, {s['scored']} scored, errors: {errors}; {s['seconds']} s wall, "
             f"{s['job_seconds']} s in the Ray job ({s['rows_per_second']} rows/s) -> {s['output']}")
 

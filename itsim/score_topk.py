@@ -107,17 +107,27 @@ class TopKActor:
 
 def _caption_set(cfg: ScoreConfig, res: Resources, files: list[Path], fmt: str,
                  columns: dict | None) -> tuple[list[str], list[tuple[str, str, str]]]:
+    """Sorted unique usable captions, and a record per unusable one. A caption is used even when its
+    shard sample's image is broken; a row without a caption counts under its read error (a sample
+    whose json is unreadable). Streams the caption column through the driver."""
     import ray
 
     from itsim.score import caption_error
-    from itsim.score_read import ScoreInputs
+    from itsim.score_read import READ_ERROR, ScoreInputs
 
     source = ScoreInputs(files, fmt, cfg.batch_size, columns)
     col = "caption" if fmt == "shards" else cfg.caption_col
     ds = ray.data.read_datasource(source, override_num_blocks=max(1, len(source.read_plan())), num_cpus=res.read_cpus)
-    values = ds.select_columns([col]).unique(col)
-    bad = [("caption", repr(v), caption_error(v)) for v in values if caption_error(v) is not None]
-    return sorted(v for v in values if caption_error(v) is None), sorted(bad)
+    good: set[str] = set()
+    bad: set[tuple[str, str, str]] = set()
+    for batch in ds.select_columns([col, READ_ERROR]).iter_batches(batch_size=None, batch_format="pyarrow"):
+        for caption, read_error in zip(batch.column(col).to_pylist(), batch.column(READ_ERROR).to_pylist()):
+            reason = caption_error(caption) if caption is not None else (read_error or caption_error(caption))
+            if reason is None:
+                good.add(caption)
+            else:
+                bad.add(("caption", repr(caption), reason))
+    return sorted(good), sorted(bad)
 
 
 def _image_dataset(cfg: ScoreConfig, res: Resources, files: list[Path], fmt: str, columns: dict | None,

@@ -205,10 +205,16 @@ def _write_shards(folder: Path, data: dict) -> dict[str, list[tuple[bytes, list[
     return samples
 
 
+@pytest.fixture(scope="module")
+def shards(data) -> tuple[Path, dict]:
+    folder = data["tmp"] / "shards"
+    return folder, _write_shards(folder, data)
+
+
 @pytest.mark.timeout(300)
-def test_ray_shards_one_row_per_caption_scored_from_the_stored_jpeg(data, ray_local, tmp_path):
-    samples = _write_shards(tmp_path / "shards", data)
-    run_score(_config(data, [str(tmp_path / "shards")], tmp_path / "out", split="test", workers=1))
+def test_ray_shards_one_row_per_caption_scored_from_the_stored_jpeg(data, shards, ray_local, tmp_path):
+    folder, samples = shards
+    run_score(_config(data, [str(folder)], tmp_path / "out", split="test", workers=1))
     out_df = _read_output(tmp_path / "out").sort_values("row_id").reset_index(drop=True)
     jpgs = [jpg for jpg, caps in samples["test"] for _ in caps]
     caps = [c for _, cs in samples["test"] for c in cs]
@@ -218,6 +224,25 @@ def test_ray_shards_one_row_per_caption_scored_from_the_stored_jpeg(data, ray_lo
     assert good["caption"].tolist() == caps and set(good["split"]) == {"test"}
     expected = _scorer(data).score(jpgs, caps)
     np.testing.assert_allclose(good["score"].to_numpy(dtype=np.float64), expected, atol=1e-5, rtol=0)
+
+
+@pytest.mark.timeout(300)
+def test_ray_topk_over_a_shard_split(data, shards, ray_local, tmp_path):
+    """The split's images (stored JPEGs) against the split's captions; a broken sample is reported."""
+    folder, samples = shards
+    summary = run_score(_config(data, [str(folder / "test-*.tar")], tmp_path / "out", mode="topk", k=2,
+                                workers=1, batch_size=5))
+    assert summary["errors"] == {"caption/bad_sample": 1, "image/bad_sample": 1}
+    captions = sorted({c for _, cs in samples["test"] for c in cs})
+    matrix = _scorer(data).score_matrix([jpg for jpg, _ in samples["test"]], captions)
+    img_top = pd.read_parquet(tmp_path / "out" / "image_topk")
+    for i in range(len(samples["test"])):
+        want = np.argsort(-matrix[i], kind="stable")[:2]
+        got = img_top[img_top["image"] == f"sub/img{i:03d}.jpg"].sort_values("rank")
+        assert got["caption"].tolist() == [captions[j] for j in want]
+        np.testing.assert_allclose(got["score"], matrix[i, want], atol=1e-5)
+    cap_top = pd.read_parquet(tmp_path / "out" / "caption_topk")
+    assert len(cap_top) == 2 * len(captions)
 
 
 @pytest.mark.timeout(300)
