@@ -131,8 +131,8 @@ def ray_session(address: str | None) -> Iterator[Any]:
 
 def put_model(model_dir: str | Path) -> list[Any]:
     """The model directory's bytes in the object store, so actors on other nodes need no shared
-    filesystem. Wrapped in a list: a bare ref would be a constructor argument held in the object
-    store, which Ray warns breaks actor restarts once it goes out of scope."""
+    filesystem. Wrapped in a list so Ray passes the ref itself (not its value) to the actor, which
+    fetches it; the driver owns it for the whole job, so a restarted actor can fetch it again."""
     import ray
 
     return [ray.put({name: (Path(model_dir) / name).read_bytes() for name in MODEL_FILES})]

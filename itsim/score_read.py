@@ -9,6 +9,7 @@ cannot parse (a CSV line with the wrong number of fields, a broken shard sample)
 """
 from __future__ import annotations
 
+import csv
 import functools
 import glob
 import json
@@ -105,12 +106,13 @@ def table_columns(path: Path, fmt: str) -> list[str]:
     try:
         if fmt == "parquet":
             return list(pq.read_schema(path).names)
-        reader = pv.open_csv(path, read_options=pv.ReadOptions(block_size=_CSV_BLOCK), parse_options=_csv_parse(fmt))
-        names = list(reader.schema.names)
-        reader.close()
-        return names
-    except (pa.ArrowException, OSError) as exc:
+        with open(path, newline="", encoding="utf-8-sig") as fh:  # the header line only
+            names = next(csv.reader(fh, delimiter="\t" if fmt == "tsv" else ","), None)
+    except (pa.ArrowException, OSError, UnicodeDecodeError, csv.Error) as exc:
         raise UserError(f"{path}: cannot read as {fmt} ({exc})") from None
+    if not names:
+        raise UserError(f"{path}: empty file (no header line)")
+    return names
 
 
 def check_tables(files: list[Path], fmt: str, needed: tuple[str, ...]) -> dict[Path, list[str]]:
