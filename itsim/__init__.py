@@ -1,7 +1,10 @@
 """itsim: train and run image-caption matching models at scale.
 
 Public API (imported lazily so `import itsim` stays cheap):
-    Scorer, load_model, build_shards, train, evaluate
+    Scorer, load_model, save_model, build_shards, train_model, evaluate_model
+
+`train_model`/`evaluate_model` are `itsim.train.train`/`itsim.evaluate.evaluate` under names that do not
+collide with their modules (importing `itsim.train` rebinds the package attribute `train`).
 """
 from __future__ import annotations
 
@@ -13,13 +16,15 @@ __version__ = "0.1.0"
 _LAZY = {
     "Scorer": "itsim.score",
     "load_model": "itsim.model",
+    "save_model": "itsim.model",
     "build_shards": "itsim.data.shards",
-    "train": "itsim.train",
-    "evaluate": "itsim.evaluate",
+    "train_model": ("itsim.train", "train"),
+    "evaluate_model": ("itsim.evaluate", "evaluate"),
 }
 
 
 def __getattr__(name: str) -> Any:
     if name in _LAZY:
-        return getattr(importlib.import_module(_LAZY[name]), name)
+        module, attr = _LAZY[name] if isinstance(_LAZY[name], tuple) else (_LAZY[name], name)
+        return getattr(importlib.import_module(module), attr)
     raise AttributeError(f"module 'itsim' has no attribute {name!r}")

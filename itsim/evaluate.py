@@ -16,9 +16,7 @@ import dataclasses
 import json
 import logging
 import math
-import sys
 import time
-import types
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -478,17 +476,3 @@ def add_cli(subparsers: Any) -> None:
     parser.add_argument("--config", metavar="FILE", help="YAML/TOML file of options (flags override it)")
     config.add_arguments(parser, EvalConfig)
     parser.set_defaults(func=_main)
-
-
-class _CallableModule(types.ModuleType):
-    """Lets `from itsim import evaluate; evaluate(cfg)` work.
-
-    Importing this submodule sets the package attribute `itsim.evaluate` to the module, hiding the
-    package's lazy `evaluate` function; calling the module runs the function instead.
-    """
-
-    def __call__(self, cfg: EvalConfig) -> dict[str, Any]:
-        return evaluate(cfg)
-
-
-sys.modules[__name__].__class__ = _CallableModule

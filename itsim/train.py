@@ -69,6 +69,8 @@ class TrainConfig:
     compile: bool = field(default=False, metadata={"help": "torch.compile the image encoder and head"})
     dist_timeout: int = field(default=600, metadata={"help": "seconds before a stuck collective fails"})
     tensorboard: bool = field(default=True, metadata={"help": "log to TensorBoard when it is installed"})
+    audit: bool = field(default=False, metadata={
+        "help": "each rank writes the sample keys it trained on and a parameter checksum to RUN/audit/"})
     # Model sizes (defaults: the reference design).
     channels: tuple[int, ...] = (32, 64, 128, 256)
     cnn_dropout: float = 0.2
@@ -136,6 +138,12 @@ def _make_accelerator(cfg: TrainConfig):
         if importlib.util.find_spec("tensorboard") or importlib.util.find_spec("tensorboardX"):
             trackers = "tensorboard"
     mp = _mixed_precision(cfg)
+    if int(os.environ.get("WORLD_SIZE", "1")) == 1:
+        # Accelerate keeps process-wide state; a second in-process run (tests, notebooks, the demo)
+        # with other settings would otherwise be refused.
+        from accelerate.state import AcceleratorState
+
+        AcceleratorState._reset_state(reset_partial_state=True)
     accelerator = Accelerator(
         mixed_precision=mp,
         gradient_accumulation_steps=cfg.grad_accum,
@@ -265,6 +273,10 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         accelerator.init_trackers("itsim", config=config.to_dict(cfg))
 
     metrics_file = (out / "metrics.jsonl").open("a") if accelerator.is_main_process else None
+    audit_file = None
+    if cfg.audit:  # one file per rank: no rank writes another's file
+        (out / "audit").mkdir(parents=True, exist_ok=True)
+        audit_file = (out / "audit" / f"rank{accelerator.process_index}.jsonl").open("a")
 
     def record(row: dict[str, Any]) -> None:
         if metrics_file:
@@ -321,6 +333,8 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
                     group["lr"] = lr_at(step, cfg, total)
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
+            if audit_file:
+                audit_file.write(json.dumps({"batch": batch_index, "keys": batch["keys"]}) + "\n")
             batch_index += 1
             window["loss"] += loss.item()
             window["correct"] += float(correct)
@@ -369,6 +383,9 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
             progress.close()
         if metrics_file:
             metrics_file.close()
+        if audit_file:
+            audit_file.write(json.dumps({"final_step": step, "param_checksum": _checksum(model)}) + "\n")
+            audit_file.close()
 
     summary = {"step": step, "total_steps": total, "stopped_early": step < total, **last_val}
     accelerator.wait_for_everyone()
@@ -381,6 +398,21 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     if trackers:
         accelerator.end_training()
     return summary
+
+
+def _checksum(model: torch.nn.Module) -> str:
+    """SHA-256 of every parameter's bytes: equal on all ranks when DDP keeps them in sync.
+
+    Buffers (BatchNorm running statistics) are left out: each rank updates them from its own last
+    batch, and DDP re-broadcasts rank 0's at the next forward.
+    """
+    import hashlib
+
+    h = hashlib.sha256()
+    for name, p in sorted(model.named_parameters()):
+        h.update(name.encode())
+        h.update(p.detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()
 
 
 def _any_rank(accelerator, flag: bool) -> bool:

@@ -29,3 +29,29 @@ def ray_local():
         ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, ignore_reinit_error=True)
     yield ray
     ray.shutdown()
+
+
+# Tiny model flags: a few thousand parameters, so training tests take seconds on 2 CPUs.
+TINY_MODEL = ["--channels", "8,16", "--embed-dim", "16", "--lstm-hidden", "16", "--lstm-layers", "1",
+              "--text-dim", "32", "--image-dim", "32", "--head-dim", "16"]
+
+
+@pytest.fixture(scope="session")
+def synth_data(tmp_path_factory) -> Path:
+    """300 synthetic captioned images (results.csv + images/), made once per test session."""
+    from itsim.data.synth import generate
+
+    out = tmp_path_factory.mktemp("synth")
+    generate(out, 300, seed=0, min_size=96, max_size=160)
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_shards(synth_data, tmp_path_factory) -> Path:
+    """The synthetic images as 32 px shards: 6 train shards, val and test."""
+    from itsim.data.shards import ShardConfig, build_shards
+
+    out = tmp_path_factory.mktemp("shards")
+    build_shards(ShardConfig(captions=str(synth_data / "results.csv"), images=str(synth_data / "images"),
+                             out=str(out), image_size=32, shard_size=45, workers=1, splits=(0.8, 0.1, 0.1)))
+    return out

@@ -69,7 +69,7 @@ def _captions_in(split: str) -> int:
 
 
 def test_evaluate_test_split_writes_metrics_and_plots(run):
-    from itsim import evaluate as public_evaluate  # the package's public API, as users import it
+    from itsim import evaluate_model as public_evaluate  # the package's public API, as users import it
 
     result = public_evaluate(EvalConfig(model=str(run / "run" / "model"), shards=str(run / "shards"), split="test",
                                  batch_size=2))

@@ -130,52 +130,56 @@ class ShardStream(IterableDataset):
         super().__init__()
         self.spec = spec
 
-    def _shard_cycle(self, epoch: int, logical: int, n_workers: int, seen: list[int]) -> Iterator[dict[str, str]]:
-        """This worker's shards for `epoch`, repeated (reshuffled) until the epoch's batches are made."""
+    def _cycle_shards(self, epoch: int, cycle: int, logical: int, n_workers: int) -> list[str]:
+        """This worker's shards for one pass (`cycle`) of `epoch`."""
         spec = self.spec
         slots = spec.world_size * n_workers
         slot = spec.rank * n_workers + logical
-        for cycle in range(1 << 30):
-            before = seen[0]
-            if len(spec.shards) >= slots:
-                order = list(spec.shards)
-                random.Random(_seed(spec.seed, epoch, cycle, "shards")).shuffle(order)
-                mine = order[slot::slots]
-            else:  # fewer shards than ranks x workers: resample with replacement, never hang
-                rng = random.Random(_seed(spec.seed, epoch, cycle, slot, "resample"))
-                mine = [rng.choice(spec.shards) for _ in range(max(1, len(spec.shards)))]
-            yield from ({"url": url} for url in mine)
-            if cycle > 0 and seen[0] == before:
-                raise RuntimeError(f"no readable samples in shards {mine[:3]}...: check the shard files")
+        if len(spec.shards) >= slots:
+            order = list(spec.shards)
+            random.Random(_seed(spec.seed, epoch, cycle, "shards")).shuffle(order)
+            return order[slot::slots]
+        # Fewer shards than ranks x workers: resample with replacement rather than leave a worker idle.
+        rng = random.Random(_seed(spec.seed, epoch, cycle, slot, "resample"))
+        return [rng.choice(spec.shards) for _ in range(len(spec.shards))]
 
-    def _raw_batches(self, epoch: int, logical: int, n_workers: int, stats: dict[str, int]) -> Iterator[list[dict]]:
+    def _samples(self, epoch: int, logical: int, n_workers: int, stats: dict[str, int]) -> Iterator[dict]:
+        """Shuffled raw samples of this worker's shards; passes repeat until the epoch's batches are made.
+
+        Each pass has its own shuffle buffer, so within an epoch's first pass the ranks' samples stay
+        disjoint (a buffer spanning passes would pull in the next pass's shards early).
+        """
         spec = self.spec
-        seen = [0]
 
         def on_error(exc: Exception) -> bool:
             stats["bad_samples"] += 1
             log.warning("skipping unreadable shard data: %s", exc)
             return True
 
-        samples = tarfile_samples(self._shard_cycle(epoch, logical, n_workers, seen), handler=on_error,
-                                  select_files=_select)
+        for cycle in range(1 << 30):
+            urls = self._cycle_shards(epoch, cycle, logical, n_workers)
+            found = [0]
 
-        def complete(it):
-            for s in it:
-                if _complete(s):
-                    seen[0] += 1
-                    yield s
-                else:
-                    stats["bad_samples"] += 1
-                    log.warning("skipping incomplete sample %s in %s", s.get("__key__"), s.get("__url__"))
+            def complete(it):
+                for s in it:
+                    if _complete(s):
+                        found[0] += 1
+                        yield s
+                    else:
+                        stats["bad_samples"] += 1
+                        log.warning("skipping incomplete sample %s in %s", s.get("__key__"), s.get("__url__"))
 
-        rng = random.Random(_seed(spec.seed, epoch, spec.rank, logical, "samples"))
-        shuffled = _shuffle(complete(samples), bufsize=spec.shuffle_buffer, initial=min(100, spec.shuffle_buffer), rng=rng)
+            raw = tarfile_samples(({"url": u} for u in urls), handler=on_error, select_files=_select)
+            rng = random.Random(_seed(spec.seed, epoch, cycle, spec.rank, logical, "samples"))
+            yield from _shuffle(complete(raw), bufsize=spec.shuffle_buffer, initial=min(100, spec.shuffle_buffer),
+                                rng=rng)
+            if found[0] == 0:
+                raise RuntimeError(f"no readable samples in shards {urls[:3]}...: check the shard files")
+
+    def _raw_batches(self, epoch: int, logical: int, n_workers: int, stats: dict[str, int]) -> Iterator[list[dict]]:
+        samples = self._samples(epoch, logical, n_workers, stats)
         while True:
-            batch = list(islice(shuffled, spec.batch_size))
-            if not batch:
-                return
-            yield batch
+            yield list(islice(samples, self.spec.batch_size))
 
     def _decode_batch(self, raw: list[dict], stats: dict[str, int]) -> dict[str, Any] | None:
         decoded = []
@@ -226,8 +230,11 @@ def batches_per_epoch(n_images: int, batch_size: int, world_size: int, workers: 
 
 
 def make_loader(spec: StreamSpec, workers: int = 2, pin_memory: bool = False, prefetch: int = 4) -> DataLoader:
+    # Its own generator: starting the workers must not draw from the global torch RNG, whose state is
+    # part of a checkpoint (dropout) and must be the same whether a run was resumed or not.
     return DataLoader(ShardStream(spec), batch_size=None, num_workers=workers, pin_memory=pin_memory,
-                      persistent_workers=workers > 0, prefetch_factor=prefetch if workers > 0 else None)
+                      persistent_workers=workers > 0, prefetch_factor=prefetch if workers > 0 else None,
+                      generator=torch.Generator().manual_seed(spec.seed))
 
 
 def read_split(shard_dir: str | Path, split: str, max_images: int | None = None,

@@ -1,0 +1,156 @@
+"""`itsim demo`: the main job end to end on the embedded synthetic data.
+
+synth -> build-shards -> train -> evaluate on val -> score a few hundred pairs with the Ray job.
+Sized to finish in a few minutes on a 2-core laptop CPU (small images, a small model); the same
+stages run at full size on real data (see docs/results.md and launch/).
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import logging
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from itsim import config
+
+log = logging.getLogger("itsim.demo")
+
+
+@dataclass
+class DemoConfig:
+    out: str = field(default="runs/demo", metadata={"help": "folder for everything the demo writes"})
+    images: int = field(default=2000, metadata={"help": "synthetic images to generate"})
+    seed: int = 0
+    image_size: int = field(default=64, metadata={"help": "side of the stored images (the reference uses 299)"})
+    steps: int = field(default=600, metadata={"help": "training steps"})
+    batch_size: int = 32
+    pairs: str = field(default="in-batch", metadata={"help": "balanced | in-batch"})
+    negatives_k: int = 7
+    lr: float = 2e-3
+    workers: int = field(default=0, metadata={"help": "processes for synth/shards; 0 = all CPUs"})
+    loader_workers: int = field(default=1, metadata={"help": "DataLoader workers while training"})
+    score_pairs: int = field(default=400, metadata={"help": "pairs scored by the Ray job at the end"})
+    min_accuracy: float = field(default=0.90, metadata={"help": "fail when val balanced accuracy is lower"})
+
+
+def _stage(name: str) -> float:
+    log.info("=== %s", name)
+    return time.perf_counter()
+
+
+def _write_score_input(shard_manifest: dict[str, Any], captions_csv: Path, n_pairs: int, seed: int, out: Path) -> Path:
+    """A pair table (image, caption, label) over the test split: half true captions, half others'."""
+    import random
+
+    from itsim.data.captions import read_captions
+
+    df, _ = read_captions(captions_csv)
+    test_split = shard_manifest.get("split_images", None)
+    images = sorted(df["image"].unique())
+    rng = random.Random(seed)
+    by_image = df.groupby("image")["caption"].apply(list).to_dict()
+    chosen = rng.sample(images, min(len(images), n_pairs // 2 or 1)) if test_split is None else test_split
+    rows = []
+    for img in chosen:
+        rows.append((img, rng.choice(by_image[img]), 1))
+        other = rng.choice([i for i in rng.sample(images, min(5, len(images))) if i != img] or [img])
+        rows.append((img, rng.choice(by_image[other]), int(other == img)))
+    path = out / "pairs.csv"
+    with path.open("w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["image", "caption", "label"])
+        writer.writerows(rows)
+    return path
+
+
+def run(cfg: DemoConfig) -> dict[str, Any]:
+    from itsim.data import shards, synth
+    from itsim.evaluate import EvalConfig, evaluate
+    from itsim.train import TrainConfig, train
+
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    config.save(cfg, out / "demo_config.yaml")
+    workers = cfg.workers or os.cpu_count() or 1
+    timings: dict[str, float] = {}
+    start = time.perf_counter()
+
+    t = _stage("1/5 synth: generating captioned images")
+    data = out / "data"
+    captions = data / "results.csv"
+    if not captions.exists():
+        synth.run(synth.SynthConfig(out=str(data), images=cfg.images, seed=cfg.seed, workers=workers))
+    timings["synth_s"] = time.perf_counter() - t
+
+    t = _stage("2/5 build-shards")
+    shard_dir = out / "shards"
+    manifest = shards.build_shards(shards.ShardConfig(
+        captions=str(captions), images=str(data / "images"), out=str(shard_dir), image_size=cfg.image_size,
+        shard_size=250, workers=workers, seed=cfg.seed))
+    timings["shards_s"] = time.perf_counter() - t
+
+    t = _stage("3/5 train")
+    run_dir = out / "run"
+    train_cfg = TrainConfig(
+        shards=str(shard_dir), out=str(run_dir), steps=cfg.steps, batch_size=cfg.batch_size, lr=cfg.lr,
+        warmup_steps=min(50, cfg.steps // 10), pairs=cfg.pairs, negatives_k=cfg.negatives_k,
+        checkpoint_every=max(1, cfg.steps // 2), eval_every=max(1, cfg.steps // 4), workers=cfg.loader_workers,
+        resume="auto", seed=cfg.seed, channels=(32, 64, 96, 128), embed_dim=64, lstm_hidden=64, text_dim=128,
+        image_dim=256, head_dim=128, lstm_layers=2, cnn_dropout=0.1, lstm_dropout=0.1, head_dropout=0.1,
+        tensorboard=False)
+    train(train_cfg)
+    timings["train_s"] = time.perf_counter() - t
+
+    t = _stage("4/5 evaluate on val")
+    eval_dir = run_dir / "eval"
+    metrics = evaluate(EvalConfig(model=str(run_dir / "model"), shards=str(shard_dir), split="val",
+                                  out=str(eval_dir)))
+    timings["eval_s"] = time.perf_counter() - t
+
+    t = _stage("5/5 score pairs with the Ray job")
+    score_dir = out / "scores"
+    score_summary: dict[str, Any] = {}
+    try:
+        from itsim.score_ray import ScoreConfig, run_score
+
+        pairs_csv = _write_score_input({}, captions, cfg.score_pairs, cfg.seed, out)
+        score_summary = run_score(ScoreConfig(model=str(run_dir / "model"), input=[str(pairs_csv)],
+                                              output=str(score_dir), images=str(data / "images")))
+    except ImportError as exc:  # the scorer is optional for the demo's accuracy check
+        log.warning("scoring skipped: %s", exc)
+    timings["score_s"] = time.perf_counter() - t
+    timings["total_s"] = time.perf_counter() - start
+
+    accuracy = float(metrics.get("balanced_accuracy", 0.0))
+    summary = {"val_balanced_accuracy": accuracy, "val_roc_auc": metrics.get("roc_auc"),
+               "i2t_r1": metrics.get("i2t_r1"), "t2i_r1": metrics.get("t2i_r1"), **timings,
+               "shards_images_per_s": manifest.get("images_per_second"), "outputs": {
+                   "data": str(data), "shards": str(shard_dir), "run": str(run_dir), "model": str(run_dir / "model"),
+                   "eval": str(eval_dir), "scores": str(score_dir)}, "score": score_summary}
+    (out / "demo_summary.json").write_text(json.dumps(summary, indent=2, default=str))
+    return summary
+
+
+def _cli(args: argparse.Namespace) -> int:
+    cfg = config.from_args(DemoConfig, args)
+    log.info("%s", config.describe(cfg))
+    summary = run(cfg)
+    acc = summary["val_balanced_accuracy"]
+    print(f"\nitsim demo finished in {summary['total_s']:.0f} s")
+    print(f"  val balanced-pair accuracy {acc:.3f} (target {cfg.min_accuracy:.2f}), ROC-AUC {summary['val_roc_auc']:.3f}")
+    for name, path in summary["outputs"].items():
+        print(f"  {name:8s} {path}")
+    print(f"  summary  {Path(cfg.out) / 'demo_summary.json'}")
+    return 0 if acc >= cfg.min_accuracy else 1
+
+
+def add_cli(subparsers) -> None:
+    p = subparsers.add_parser("demo", help="the main job on synthetic data: synth -> shards -> train -> eval -> score")
+    p.add_argument("--config", help="YAML/TOML file with DemoConfig fields")
+    config.add_arguments(p, DemoConfig)
+    p.set_defaults(func=_cli)
