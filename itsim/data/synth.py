@@ -439,6 +439,7 @@ def run(cfg: SynthConfig, progress: bool = True) -> Path:
         (out / "images").mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise UserError(f"cannot create {out / 'images'}: {exc}") from None
+    (out / "results.csv").unlink(missing_ok=True)  # an interrupted rerun must not leave the old CSV behind
     chunk = 50
     ranges = [(s, min(s + chunk, cfg.images)) for s in range(0, cfg.images, chunk)]
     bar = tqdm(total=cfg.images, unit="img", desc="synth", disable=not progress)
@@ -475,7 +476,11 @@ def run(cfg: SynthConfig, progress: bool = True) -> Path:
 
 def generate(out_dir: str | Path, n_images: int, seed: int, *, min_size: int = 320, max_size: int = 640,
              captions_per_image: int = 5, quality: int = 90, workers: int = 1, progress: bool = False) -> Path:
-    """Python entry point: write `n_images` synthetic images and return the path of results.csv."""
+    """Python entry point: write `n_images` synthetic images and return the path of results.csv.
+
+    `workers > 1` starts spawned processes, so a calling script needs the usual
+    `if __name__ == "__main__":` guard (the `itsim` CLI and `python -m` entry points have it).
+    """
     cfg = SynthConfig(str(out_dir), n_images, seed, min_size, max_size, captions_per_image, quality, workers)
     return run(cfg, progress=progress)
 
