@@ -229,12 +229,25 @@ def batches_per_epoch(n_images: int, batch_size: int, world_size: int, workers: 
     return -(-per_rank // w) * w
 
 
+def _ignore_stop_signals(worker_id: int) -> None:
+    """Workers leave SIGTERM/SIGINT to the main process, which finishes its step and checkpoints.
+
+    Schedulers (SLURM, Kubernetes, `timeout`) signal the whole process group; a worker dying first
+    would make the main process fail instead of saving a checkpoint. Workers exit with the main process.
+    """
+    import signal
+
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
 def make_loader(spec: StreamSpec, workers: int = 2, pin_memory: bool = False, prefetch: int = 4) -> DataLoader:
     # Its own generator: starting the workers must not draw from the global torch RNG, whose state is
     # part of a checkpoint (dropout) and must be the same whether a run was resumed or not.
     return DataLoader(ShardStream(spec), batch_size=None, num_workers=workers, pin_memory=pin_memory,
                       persistent_workers=workers > 0, prefetch_factor=prefetch if workers > 0 else None,
-                      generator=torch.Generator().manual_seed(spec.seed))
+                      generator=torch.Generator().manual_seed(spec.seed),
+                      worker_init_fn=_ignore_stop_signals if workers > 0 else None)
 
 
 def read_split(shard_dir: str | Path, split: str, max_images: int | None = None,
