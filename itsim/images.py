@@ -104,6 +104,10 @@ def open_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS, draft_size: in
         raise ImageError("not_an_image", "unrecognised image format") from None
     except (OSError, SyntaxError, ValueError, EOFError, struct.error, MemoryError) as exc:
         raise ImageError("decode_error", f"{type(exc).__name__}: {exc}") from None
+    except Exception as exc:  # noqa: BLE001 - PIL plugins raise other types on hostile bytes
+        # e.g. TypeError("Missing dimensions") from a TIFF whose second frame has no size: still
+        # a bad image, which every caller records, never a crash of the training or evaluation.
+        raise ImageError("decode_error", f"{type(exc).__name__}: {exc}") from None
 
 
 def resize(img: Image.Image, size: int, mode: str = "stretch") -> Image.Image:
