@@ -92,41 +92,63 @@ def find_resume(directory: str | Path, resume: str) -> tuple[Path, dict[str, Any
     return None
 
 
+def _why(exc: BaseException, directory: Path) -> str:
+    """The failure in words, naming a full disk however the writer reported it.
+
+    A full disk reaches us as OSError(ENOSPC), as safetensors' SafetensorError ("No space left on
+    device (os error 28)") or as torch.save's RuntimeError ("unexpected pos ..."), which says
+    nothing about space: so a write that failed with less space free than the newest checkpoint
+    took (or than 1 MiB) counts as disk full too.
+    """
+    text = str(exc).splitlines()[0][:300] if str(exc) else type(exc).__name__
+    try:
+        free = shutil.disk_usage(directory).free
+    except OSError:
+        return text
+    done = list_checkpoints(directory)
+    needed = sum(p.stat().st_size for p in done[-1].iterdir() if p.is_file()) if done else 0
+    full = (getattr(exc, "errno", None) == errno.ENOSPC or "No space left" in text or "os error 28" in text
+            or free < max(needed, 1 << 20))
+    return f"disk full ({free:,} bytes free in {directory}; {text})" if full else text
+
+
 def save(accelerator, directory: str | Path, step: int, state: dict[str, Any], keep: int) -> Path:
     """Write checkpoint `step` atomically from all ranks; prune beyond `keep` (main process only).
 
-    A full disk or any other OSError leaves earlier checkpoints untouched and raises CheckpointError.
+    A full disk or any other write error leaves earlier checkpoints untouched, removes the partial
+    folder and raises CheckpointError.
     """
     directory = Path(directory)
     final = directory / checkpoint_name(step)
     tmp = directory / f".tmp-{final.name}"
-    error: OSError | None = None
+    error: BaseException | None = None
     if accelerator.is_main_process:
         directory.mkdir(parents=True, exist_ok=True)
         shutil.rmtree(tmp, ignore_errors=True)
     accelerator.wait_for_everyone()
     try:
         accelerator.save_state(str(tmp))
-    except (OSError, RuntimeError) as exc:
-        error = exc if isinstance(exc, OSError) else OSError(errno.EIO, str(exc))
+    except Exception as exc:  # noqa: BLE001 - OSError, torch's RuntimeError, safetensors' SafetensorError
+        error = exc
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        try:
-            if error is not None:
-                raise error
-            files = {p.name: _sha256(p) for p in sorted(tmp.iterdir()) if p.is_file()}
-            payload = json.dumps({**state, "step": step, "files": files}, indent=2)
-            with (tmp / STATE_FILE).open("w") as f:
-                f.write(payload)
-                f.flush()
-                os.fsync(f.fileno())
-            if final.exists():  # a rerun reached the same step: replace the old folder
-                shutil.rmtree(final)
-            tmp.rename(final)
-        except OSError as exc:
+        if error is None:
+            try:
+                files = {p.name: _sha256(p) for p in sorted(tmp.iterdir()) if p.is_file()}
+                payload = json.dumps({**state, "step": step, "files": files}, indent=2)
+                with (tmp / STATE_FILE).open("w") as f:
+                    f.write(payload)
+                    f.flush()
+                    os.fsync(f.fileno())
+                if final.exists():  # a rerun reached the same step: replace the old folder
+                    shutil.rmtree(final)
+                tmp.rename(final)
+            except OSError as exc:
+                error = exc
+        if error is not None:
+            why = _why(error, directory)  # before the partial folder frees its space
             shutil.rmtree(tmp, ignore_errors=True)
-            why = "disk full" if exc.errno == errno.ENOSPC else str(exc)
-            error = CheckpointError(f"could not write checkpoint {final.name}: {why}; earlier checkpoints kept")  # type: ignore[assignment]
+            error = CheckpointError(f"could not write checkpoint {final.name}: {why}; earlier checkpoints kept")
         else:
             for old in list_checkpoints(directory)[:-keep] if keep > 0 else []:
                 shutil.rmtree(old, ignore_errors=True)
@@ -135,8 +157,8 @@ def save(accelerator, directory: str | Path, step: int, state: dict[str, Any], k
     if _any_rank(accelerator, error is not None):
         if isinstance(error, CheckpointError):
             raise error
-        raise CheckpointError(f"could not write checkpoint {final.name}: {error or 'failed on another rank'}; "
-                              "earlier checkpoints kept")
+        why = _why(error, directory) if error is not None else "failed on another rank"
+        raise CheckpointError(f"could not write checkpoint {final.name}: {why}; earlier checkpoints kept")
     return final
 
 
