@@ -3,8 +3,8 @@
 A checkpoint is written by every rank into `checkpoints/.tmp-step_XXXXXXX` (Accelerate's
 `save_state`: model, optimizer, grad scaler, each rank's RNG state), then the main process records
 the training position and a SHA-256 of every file in `trainer_state.json` and renames the folder to
-`step_XXXXXXX`. A folder without that file, or whose files no longer match it (truncated, garbage),
-is never resumed from.
+`step_XXXXXXX`. A folder without that file, whose files no longer match it (truncated, garbage), or
+whose pickled files torch.load(weights_only=True) refuses (a planted payload), is never resumed from.
 """
 from __future__ import annotations
 
@@ -23,6 +23,7 @@ from itsim.errors import UserError
 log = logging.getLogger(__name__)
 
 STATE_FILE = "trainer_state.json"
+PICKLED = (".bin", ".pkl", ".pt", ".pth")  # what Accelerate reads back with torch.load
 _NAME = re.compile(r"^step_(\d{7,})$")
 
 
@@ -67,7 +68,27 @@ def verify(path: str | Path) -> dict[str, Any]:
             raise CheckpointError(f"{path}: missing {name}")
         if _sha256(f) != digest:
             raise CheckpointError(f"{path}: {name} is corrupt (checksum mismatch)")
+        if f.suffix in PICKLED:
+            _check_loads_safely(f)
     return state
+
+
+def _check_loads_safely(path: Path) -> None:
+    """Load a pickled state file as Accelerate's `load_state` will: torch.load(weights_only=True).
+
+    The checksums only prove the files are the ones recorded, and anyone who can write the folder
+    can record new ones. A file that weights_only refuses (a planted pickle payload, a foreign
+    object) would crash the resume (optimizer) or, for the RNG states, be skipped by Accelerate
+    with only an info log, silently breaking exact resume; so the checkpoint is unusable.
+    """
+    from accelerate.utils import load
+
+    try:
+        load(str(path), map_location="cpu")
+    except Exception as exc:  # noqa: BLE001 - UnpicklingError, RuntimeError, EOFError, ...
+        first = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else ""
+        raise CheckpointError(f"{path.parent}: {path.name} cannot be loaded safely "
+                              f"({type(exc).__name__}: {first})") from None
 
 
 def find_resume(directory: str | Path, resume: str) -> tuple[Path, dict[str, Any]] | None:
