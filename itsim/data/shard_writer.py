@@ -136,8 +136,12 @@ def _temp_name(path: Path) -> Path:
 
 def _write_json_atomic(path: Path, obj: object) -> None:
     tmp = _temp_name(path)
-    tmp.write_text(json.dumps(obj, indent=1))
-    os.replace(tmp, path)
+    try:
+        tmp.write_text(json.dumps(obj, indent=1))
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def read_complete_stats(task: ShardTask) -> dict | None:
@@ -168,35 +172,39 @@ def write_shard(task: ShardTask, progress: Callable[[int], None] | None = None) 
     tmp = _temp_name(task.tar_path)
     failures: list[dict] = []
     images_ok = captions = 0
-    with open(tmp, "wb") as fh:
-        with tarfile.open(fileobj=fh, mode="w", format=tarfile.USTAR_FORMAT) as tar:
-            for item in task.items:
-                try:
-                    path = safe_path(task.images_root, item.image)
-                    img = load_image(path, task.image_size, task.resize, task.max_pixels)
-                    jpg = encode_jpeg(img, task.jpeg_quality)
-                except ImageError as exc:
-                    failures.append(_failure(task, item, exc.reason, str(exc).removeprefix(f"{exc.reason}: ")))
-                except Exception as exc:  # noqa: BLE001 - a decoder bug must not stop the build
-                    log.debug("unexpected error on %s", item.image, exc_info=True)
-                    failures.append(_failure(task, item, "unexpected_error", f"{type(exc).__name__}: {exc}"))
-                else:
-                    ids, lengths = vocab.encode(list(item.captions), task.max_len)
-                    meta = {"image": item.image, "captions": list(item.captions),
-                            "caption_idx": list(item.caption_idx), "split": task.split, "source": task.source}
-                    # Sorted extensions, as webdataset's TarWriter orders them.
-                    _add_member(tar, f"{item.key}.ids.npy", _npy_bytes(ids))
-                    _add_member(tar, f"{item.key}.jpg", jpg)
-                    _add_member(tar, f"{item.key}.json", json.dumps(meta, ensure_ascii=False).encode())
-                    _add_member(tar, f"{item.key}.lengths.npy", _npy_bytes(lengths))
-                    images_ok += 1
-                    captions += len(item.captions)
-                if progress is not None:
-                    progress(1)
-        fh.flush()
-        os.fsync(fh.fileno())
-    data = tmp.read_bytes()
-    os.replace(tmp, task.tar_path)
+    try:
+        with open(tmp, "wb") as fh:
+            with tarfile.open(fileobj=fh, mode="w", format=tarfile.USTAR_FORMAT) as tar:
+                for item in task.items:
+                    try:
+                        path = safe_path(task.images_root, item.image)
+                        img = load_image(path, task.image_size, task.resize, task.max_pixels)
+                        jpg = encode_jpeg(img, task.jpeg_quality)
+                    except ImageError as exc:
+                        failures.append(_failure(task, item, exc.reason, str(exc).removeprefix(f"{exc.reason}: ")))
+                    except Exception as exc:  # noqa: BLE001 - a decoder bug must not stop the build
+                        log.debug("unexpected error on %s", item.image, exc_info=True)
+                        failures.append(_failure(task, item, "unexpected_error", f"{type(exc).__name__}: {exc}"))
+                    else:
+                        ids, lengths = vocab.encode(list(item.captions), task.max_len)
+                        meta = {"image": item.image, "captions": list(item.captions),
+                                "caption_idx": list(item.caption_idx), "split": task.split, "source": task.source}
+                        # Sorted extensions, as webdataset's TarWriter orders them.
+                        _add_member(tar, f"{item.key}.ids.npy", _npy_bytes(ids))
+                        _add_member(tar, f"{item.key}.jpg", jpg)
+                        _add_member(tar, f"{item.key}.json", json.dumps(meta, ensure_ascii=False).encode())
+                        _add_member(tar, f"{item.key}.lengths.npy", _npy_bytes(lengths))
+                        images_ok += 1
+                        captions += len(item.captions)
+                    if progress is not None:
+                        progress(1)
+            fh.flush()
+            os.fsync(fh.fileno())
+        data = tmp.read_bytes()
+        os.replace(tmp, task.tar_path)
+    except BaseException:  # a full disk (or Ctrl-C) must not leave a partial temp file behind
+        tmp.unlink(missing_ok=True)
+        raise
     seconds = time.perf_counter() - start
     by_reason: dict[str, int] = {}
     for f in failures:

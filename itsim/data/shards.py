@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import datetime
+import errno
 import itertools
 import json
 import logging
@@ -245,8 +246,20 @@ def _version() -> str:
 
 def _write_text_atomic(path: Path, text: str) -> None:
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    try:
+        tmp.write_text(text)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def _write_error(out: Path, exc: OSError) -> str:
+    """One line for a failed write; complete shards stay, so the same command resumes the build."""
+    full = exc.errno == errno.ENOSPC or "No space left" in str(exc)
+    why = "disk full" if full else (exc.strerror or str(exc))
+    where = f" ({exc.filename})" if exc.filename else ""
+    return f"cannot write to {out}: {why}{where}; complete shards are kept: free space and run the same command again"
 
 
 def _manifest(cfg: ShardConfig, report: Any, vocab: Vocab, tasks: list[ShardTask], stats: list[dict],
@@ -321,22 +334,25 @@ def build_shards(cfg: ShardConfig) -> dict:
     vocab = _vocab(cfg, df)
     tasks = plan_shards(cfg, df, vocab)
     _prepare_out(cfg, vocab, tasks)
-    vocab.save(out / "vocab.json")
-    config.save(cfg, out / "build_config.yaml")  # `--config OUT/build_config.yaml` repeats this build
+    try:
+        vocab.save(out / "vocab.json")
+        config.save(cfg, out / "build_config.yaml")  # `--config OUT/build_config.yaml` repeats this build
 
-    stats, images_now, seconds = run_shards(tasks, cfg.workers, cfg.engine, cfg.ray_address)
-    for s in stats:
-        failures += s["failures"]
-    _write_text_atomic(out / "failures.jsonl", "".join(json.dumps(f, ensure_ascii=False) + "\n" for f in failures))
-    manifest = _manifest(cfg, report, vocab, tasks, stats, failures, images_lost, split_report, images_now,
-                         seconds)
-    rows = manifest["rows"]
-    if rows["accounted"] != rows["input"]:  # a bug in the accounting, not bad input
-        log.error("row accounting mismatch: %d input rows, %d in shards + %d in failures",
-                  rows["input"], rows["in_shards"], rows["in_failures"])
-    for reason, counts in manifest["failures"]["by_reason"].items():
-        log.warning("failures: %s: %d records, %d caption rows", reason, counts["records"], counts["caption_rows"])
-    _write_text_atomic(out / "manifest.json", json.dumps(manifest, indent=1, ensure_ascii=False))
+        stats, images_now, seconds = run_shards(tasks, cfg.workers, cfg.engine, cfg.ray_address)
+        for s in stats:
+            failures += s["failures"]
+        _write_text_atomic(out / "failures.jsonl", "".join(json.dumps(f, ensure_ascii=False) + "\n" for f in failures))
+        manifest = _manifest(cfg, report, vocab, tasks, stats, failures, images_lost, split_report, images_now,
+                             seconds)
+        rows = manifest["rows"]
+        if rows["accounted"] != rows["input"]:  # a bug in the accounting, not bad input
+            log.error("row accounting mismatch: %d input rows, %d in shards + %d in failures",
+                      rows["input"], rows["in_shards"], rows["in_failures"])
+        for reason, counts in manifest["failures"]["by_reason"].items():
+            log.warning("failures: %s: %d records, %d caption rows", reason, counts["records"], counts["caption_rows"])
+        _write_text_atomic(out / "manifest.json", json.dumps(manifest, indent=1, ensure_ascii=False))
+    except OSError as exc:  # the output side: a full disk, a read-only or vanished --out
+        raise UserError(_write_error(out, exc)) from None
     if manifest["failure_rate"] > cfg.max_failure_rate:
         raise FailureRateError(
             f"{rows['in_failures']} of {rows['input']} caption rows failed ({manifest['failure_rate']:.1%} > "
