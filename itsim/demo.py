@@ -7,7 +7,6 @@ stages run at full size on real data (see docs/results.md and launch/).
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import logging
 import os
@@ -34,38 +33,12 @@ class DemoConfig:
     lr: float = 2e-3
     workers: int = field(default=0, metadata={"help": "processes for synth/shards; 0 = all CPUs"})
     loader_workers: int = field(default=1, metadata={"help": "DataLoader workers while training"})
-    score_pairs: int = field(default=400, metadata={"help": "pairs scored by the Ray job at the end"})
     min_accuracy: float = field(default=0.90, metadata={"help": "fail when val balanced accuracy is lower"})
 
 
 def _stage(name: str) -> float:
     log.info("=== %s", name)
     return time.perf_counter()
-
-
-def _write_score_input(shard_manifest: dict[str, Any], captions_csv: Path, n_pairs: int, seed: int, out: Path) -> Path:
-    """A pair table (image, caption, label) over the test split: half true captions, half others'."""
-    import random
-
-    from itsim.data.captions import read_captions
-
-    df, _ = read_captions(captions_csv)
-    test_split = shard_manifest.get("split_images", None)
-    images = sorted(df["image"].unique())
-    rng = random.Random(seed)
-    by_image = df.groupby("image")["caption"].apply(list).to_dict()
-    chosen = rng.sample(images, min(len(images), n_pairs // 2 or 1)) if test_split is None else test_split
-    rows = []
-    for img in chosen:
-        rows.append((img, rng.choice(by_image[img]), 1))
-        other = rng.choice([i for i in rng.sample(images, min(5, len(images))) if i != img] or [img])
-        rows.append((img, rng.choice(by_image[other]), int(other == img)))
-    path = out / "pairs.csv"
-    with path.open("w", newline="") as f:
-        writer = csv.writer(f)
-        writer.writerow(["image", "caption", "label"])
-        writer.writerows(rows)
-    return path
 
 
 def run(cfg: DemoConfig) -> dict[str, Any]:
@@ -112,17 +85,12 @@ def run(cfg: DemoConfig) -> dict[str, Any]:
                                   out=str(eval_dir)))
     timings["eval_s"] = time.perf_counter() - t
 
-    t = _stage("5/5 score pairs with the Ray job")
-    score_dir = out / "scores"
-    score_summary: dict[str, Any] = {}
-    try:
-        from itsim.score_ray import ScoreConfig, run_score
+    t = _stage("5/5 score the test split's image-caption pairs with the Ray job")
+    from itsim.score_ray import ScoreConfig, run_score
 
-        pairs_csv = _write_score_input({}, captions, cfg.score_pairs, cfg.seed, out)
-        score_summary = run_score(ScoreConfig(model=str(run_dir / "model"), input=[str(pairs_csv)],
-                                              output=str(score_dir), images=str(data / "images")))
-    except ImportError as exc:  # the scorer is optional for the demo's accuracy check
-        log.warning("scoring skipped: %s", exc)
+    score_dir = out / "scores"
+    score_summary = run_score(ScoreConfig(model=str(run_dir / "model"), input=(str(shard_dir),), format="shards",
+                                          split="test", output=str(score_dir), overwrite=True))
     timings["score_s"] = time.perf_counter() - t
     timings["total_s"] = time.perf_counter() - start
 

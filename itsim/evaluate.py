@@ -212,6 +212,8 @@ def _foldable_head(model: Any) -> tuple[Any, Any, Any] | None:
     from torch import nn
 
     net = getattr(getattr(model, "fusion", None), "net", None)
+    if getattr(model.fusion, "product", None) is not None:  # a bilinear term: not a sum of two parts
+        return None
     if model.training or not isinstance(net, nn.Sequential) or len(net) != 5:
         return None
     lin1, bn, act, drop, lin2 = net

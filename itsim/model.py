@@ -37,6 +37,9 @@ class ModelConfig:
     text_dim: int = 256
     head_dim: int = 256
     head_dropout: float = 0.3
+    # "concat" is the reference head; "concat_product" also feeds the head the element-wise product of
+    # the text vector and a projection of the image vector, which makes agreement easy to express.
+    fusion: str = "concat"
     channels_last: bool = False
 
 
@@ -117,12 +120,16 @@ class TextEncoder(nn.Module):
 
 
 class FusionHead(nn.Module):
-    """concat(image, text) -> dense -> BN -> ReLU -> dropout -> dense -> one logit."""
+    """concat(image, text[, proj(image) * text]) -> dense -> BN -> ReLU -> dropout -> dense -> one logit."""
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
+        if cfg.fusion not in ("concat", "concat_product"):
+            raise ValueError(f"unknown fusion {cfg.fusion!r} (concat | concat_product)")
+        self.product = nn.Linear(cfg.image_dim, cfg.text_dim) if cfg.fusion == "concat_product" else None
+        extra = cfg.text_dim if self.product is not None else 0
         self.net = nn.Sequential(
-            nn.Linear(cfg.image_dim + cfg.text_dim, cfg.head_dim),
+            nn.Linear(cfg.image_dim + cfg.text_dim + extra, cfg.head_dim),
             nn.BatchNorm1d(cfg.head_dim),
             nn.ReLU(inplace=True),
             nn.Dropout(cfg.head_dropout),
@@ -130,7 +137,11 @@ class FusionHead(nn.Module):
         )
 
     def forward(self, image_vec: torch.Tensor, text_vec: torch.Tensor) -> torch.Tensor:
-        return self.net(torch.cat([image_vec, text_vec.to(image_vec.dtype)], dim=1)).squeeze(1)
+        text_vec = text_vec.to(image_vec.dtype)
+        parts = [image_vec, text_vec]
+        if self.product is not None:
+            parts.append(self.product(image_vec) * text_vec)
+        return self.net(torch.cat(parts, dim=1)).squeeze(1)
 
 
 class ItsimModel(nn.Module):

@@ -82,6 +82,8 @@ class TrainConfig:
     text_dim: int = 256
     head_dim: int = 256
     head_dropout: float = 0.3
+    fusion: Literal["concat", "concat_product"] = field(
+        default="concat", metadata={"help": "head input: concat (reference) or concat_product"})
     channels_last: bool = False
 
     def model_config(self, vocab_size: int) -> ModelConfig:
