@@ -6,8 +6,9 @@ Written at test time (never committed as binaries) by `write_corpus(root)`:
   UTF-8 with a BOM and CRLF line ends, with one Latin-1 byte in one caption: the input of
   `itsim build-shards`;
 - `root/pairs.csv`: the same rows (BOM, CRLF) without the Latin-1 one: the input of `itsim score`;
-- `root/latin1.csv`: a header, the Latin-1 row and one good row (the scorer's non-UTF-8 case, kept
-  apart because it fails the whole file, see tests/test_bad_inputs.py).
+- `root/latin1.csv` (a header, the Latin-1 row, one good row) and `root/latin1_late.csv` (the same
+  row after 300 good ones, past the first 8 KB): the scorer's non-UTF-8 case, kept apart because
+  it fails the whole file (see tests/test_bad_inputs.py).
 
 Each `Case` says what each tool must make of its row: `ok` (converted / scored), the reason it is
 recorded with, or for build-shards `reader:<reason>` when the caption reader itself skips the row.
@@ -89,6 +90,7 @@ class Corpus:
     captions: Path  # every case, UTF-8 with BOM + CRLF + one Latin-1 byte (build-shards)
     pairs: Path  # every case but the Latin-1 one (score)
     latin1: Path  # header + the Latin-1 row + one good row
+    latin1_late: Path  # header + 300 good rows + the Latin-1 row + one good row
     lines: dict[str, int]  # case name -> 1-based line in `captions`
 
     def image_name(self, case: Case) -> str:
@@ -191,8 +193,12 @@ def write_corpus(root: str | Path) -> Corpus:
     kept = [line for i, line in enumerate(lines) if i != latin1_index]
     pairs.write_bytes(b"\xef\xbb\xbf" + b"\r\n".join([header, *kept]) + b"\r\n")
     latin1 = root / "latin1.csv"
-    latin1.write_bytes(b"\n".join([header, lines[latin1_index], b"good.jpg,a good row after it"]) + b"\n")
-    return Corpus(root, images, captions, pairs, latin1, {c.name: i + 2 for i, c in enumerate(CASES)})
+    after = b"good.jpg,a good row after it"
+    latin1.write_bytes(b"\n".join([header, lines[latin1_index], after]) + b"\n")
+    latin1_late = root / "latin1_late.csv"
+    before = [b"good.jpg,good row number %d before the Latin-1 one" % i for i in range(300)]
+    latin1_late.write_bytes(b"\n".join([header, *before, lines[latin1_index], after]) + b"\n")
+    return Corpus(root, images, captions, pairs, latin1, latin1_late, {c.name: i + 2 for i, c in enumerate(CASES)})
 
 
 if __name__ == "__main__":  # write a corpus to look at: python tests/badcorpus.py /tmp/corpus
