@@ -1,0 +1,55 @@
+#!/usr/bin/env bash
+#SBATCH --job-name=itsim-train
+#SBATCH --nodes=2
+#SBATCH --ntasks-per-node=1
+#SBATCH --gpus-per-node=8
+#SBATCH --cpus-per-task=96
+#SBATCH --mem=0
+#SBATCH --time=24:00:00
+#SBATCH --signal=TERM@300
+#SBATCH --requeue
+#SBATCH --output=%x-%j.out
+#
+# N nodes x 8 GPUs with `accelerate launch`, started once per node by srun (one task per node; each
+# launcher starts one training process per GPU). Submit from the repository root, on a shared filesystem:
+#
+#   RUN=/shared/runs/f8k SHARDS=/shared/shards/flickr8k-299 sbatch --nodes 4 launch/slurm_train.sh [itsim.train flags]
+#
+# Environment: RUN, SHARDS (required; both on the shared filesystem), CONFIG (TrainConfig YAML,
+# default launch/flickr8k_gpu.yaml), GPUS_PER_NODE (default: SLURM_GPUS_ON_NODE, else 8),
+# MASTER_PORT (default: derived from the job id), PYTHON (python3), DIST_TIMEOUT (600 s).
+#
+# Rank, master address and port come from SLURM: machine_rank = SLURM_NODEID (per task, inside srun),
+# main_process_ip = the first host of SLURM_JOB_NODELIST, num_machines = SLURM_JOB_NUM_NODES.
+# --signal=TERM@300 sends SIGTERM to the job steps 5 minutes before the time limit: the launcher
+# forwards it to the training processes, which finish their step, write a checkpoint and stop.
+# --resume auto makes a requeued (preempted) or resubmitted job continue from that checkpoint;
+# chain jobs with `sbatch --dependency=afterany:JOBID launch/slurm_train.sh`.
+# --kill-on-bad-exit: when one node's launcher fails, SLURM ends the others at once instead of
+# leaving them to time out in a collective (--dist-timeout is the backstop).
+set -euo pipefail
+
+: "${RUN:?set RUN to the run folder (on the shared filesystem)}"
+: "${SHARDS:?set SHARDS to the shard folder (on the shared filesystem)}"
+: "${SLURM_JOB_ID:?not inside a SLURM job: submit with sbatch}"
+ITSIM_ROOT=${ITSIM_ROOT:-${SLURM_SUBMIT_DIR:-$PWD}}
+CONFIG=${CONFIG:-$ITSIM_ROOT/launch/flickr8k_gpu.yaml}
+ACCELERATE_CONFIG=$ITSIM_ROOT/launch/accelerate/multi_node.yaml
+PYTHON=${PYTHON:-python3}
+NNODES=$SLURM_JOB_NUM_NODES
+GPUS_PER_NODE=${GPUS_PER_NODE:-${SLURM_GPUS_ON_NODE:-8}}
+MASTER_ADDR=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)
+MASTER_PORT=${MASTER_PORT:-$((20000 + SLURM_JOB_ID % 20000))}
+DIST_TIMEOUT=${DIST_TIMEOUT:-600}
+export RUN SHARDS CONFIG ACCELERATE_CONFIG PYTHON NNODES GPUS_PER_NODE MASTER_ADDR MASTER_PORT DIST_TIMEOUT
+
+echo "itsim: $NNODES nodes x $GPUS_PER_NODE GPUs, main process at $MASTER_ADDR:$MASTER_PORT, run $RUN" >&2
+
+# The single quotes are intended: SLURM_NODEID differs per node and must expand inside each task.
+# shellcheck disable=SC2016
+srun --nodes="$NNODES" --ntasks-per-node=1 --kill-on-bad-exit=1 bash -c '
+  exec "$PYTHON" -m accelerate.commands.launch --config_file "$ACCELERATE_CONFIG" \
+    --num_machines "$NNODES" --num_processes "$((NNODES * GPUS_PER_NODE))" \
+    --machine_rank "$SLURM_NODEID" --main_process_ip "$MASTER_ADDR" --main_process_port "$MASTER_PORT" \
+    -m itsim.train --config "$CONFIG" --shards "$SHARDS" --out "$RUN" \
+    --resume auto --dist-timeout "$DIST_TIMEOUT" "$@"' itsim-node "$@"
