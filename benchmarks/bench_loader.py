@@ -1,0 +1,135 @@
+"""Loader throughput: training-ready pairs/s from shards against a reference-style per-pair generator.
+
+itsim: `make_loader` over the train shards (decoded uint8 image batches plus token ids), each batch
+turned into balanced pairs by `balanced_pairs` (one pair per image, what the reference trains on;
+and in-batch: 1 + k pairs per image from the same batch, as the in-batch trainer forms them). Run in
+the main process (workers=0: one core, as the generator) and with 2 DataLoader workers (how
+`itsim train` runs).
+
+Baseline: the reference design's generator, per pair: load the original JPEG, resize it to the
+model size, tokenise the caption (normalise, look up ids, pad to 100), balanced true/false pairs,
+batches of 32. It resizes with nearest-neighbour (the default of Keras' `load_img`, the fastest PIL
+filter), which favours the baseline.
+"""
+from __future__ import annotations
+
+import time
+from itertools import islice
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+
+import common
+
+SIZES = {"tiny": (24, 32, 4, 1), "quick": (160, 299, 12, 2), "full": (400, 299, 24, 3)}  # images, px, batches, repeats
+BATCH = 32
+
+
+def reference_generator(data: Path, size: int, vocab, batch: int = BATCH, seed: int = 0,
+                        max_len: int = 100) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+    """The reference's per-pair generator: every pair loads and resizes its original JPEG."""
+    import pandas as pd
+    from PIL import Image
+
+    df = pd.read_csv(data / "results.csv", sep=r"\|\s*", engine="python")
+    images, captions = df.iloc[:, 0].tolist(), df.iloc[:, 2].astype(str).tolist()
+    rng = np.random.default_rng(seed)
+    while True:
+        for start in range(0, len(images) - batch + 1, batch):
+            pix, texts, labels = [], [], []
+            for i in range(start, start + batch):
+                label = int(rng.random() < 0.5)
+                j = i if label else int(rng.integers(len(images)))
+                label = int(label or images[j] == images[i])
+                with Image.open(data / "images" / images[i]) as img:
+                    pix.append(np.asarray(img.convert("RGB").resize((size, size), Image.NEAREST)))
+                texts.append(captions[j])
+                labels.append(label)
+            ids, _ = vocab.encode(texts, max_len)
+            yield np.stack(pix), ids, np.array(labels, dtype=np.float32)
+
+
+def itsim_pairs(shards: Path, workers: int, pairs: str = "balanced", k: int = 7, seed: int = 0) -> Iterator[int]:
+    """Training-ready pairs per batch, from the project's loader and pair builders.
+
+    balanced: one pair per image (`balanced_pairs`). in-batch: each image with its own caption and k
+    others from the batch (`pick_captions` + `in_batch_negatives`), as `itsim train --pairs in-batch`.
+    """
+    import torch
+
+    from itsim.data.loader import StreamSpec, batches_per_epoch, make_loader, read_manifest, split_shards
+    from itsim.data.pairs import balanced_pairs, in_batch_negatives, pick_captions, step_generator
+
+    n_train = read_manifest(shards)["splits"]["train"]["images"]
+    spec = StreamSpec(shards=split_shards(shards, "train"), batch_size=BATCH, seed=seed, shuffle_buffer=256,
+                      batches_per_epoch=batches_per_epoch(n_train, BATCH, 1, workers))
+    for step, batch in enumerate(make_loader(spec, workers=workers)):
+        gen = step_generator(seed, step, 0)
+        b = batch["images"].shape[0]
+        if pairs == "balanced":
+            _, _, labels = balanced_pairs(batch, gen)
+            yield int(labels.shape[0])
+        else:
+            own = pick_captions(batch["n_captions"], gen)
+            ids = batch["ids"][torch.arange(b), own]
+            neg = in_batch_negatives(torch.zeros(b, b), batch["key_ids"], k, "random", gen)
+            yield int(ids.shape[0] + neg.numel())
+
+
+def rate(stream: Iterator[int], n_batches: int) -> float:
+    """Pairs/s over the next `n_batches` of a running stream."""
+    start = time.perf_counter()
+    pairs = sum(islice(stream, n_batches))
+    return pairs / (time.perf_counter() - start)
+
+
+def main(argv: list[str] | None = None) -> int:
+    from itsim.text import Vocab
+
+    args = common.parser(__doc__.splitlines()[0]).parse_args(argv)
+    common.setup_logging()
+    mode = common.mode_of(args)
+    n_images, size, n_batches, repeats = SIZES[mode]
+    repeats = args.repeats or repeats
+    rec = common.Recorder("loader", mode, args.out, **({"run_id": args.run_id} if args.run_id else {}))
+    rec.machine()
+    data = common.synth_data(args.cache, n_images, *((96, 160) if mode == "tiny" else (320, 640)))
+    shards = common.shards_for(args.cache, data, size, shard_size=max(4, n_images // 16))
+    vocab = Vocab.load(shards / "vocab.json")
+    streams = {
+        "reference generator (1 core)": (g[0].shape[0] for g in reference_generator(data, size, vocab)),
+        "itsim loader, workers=0 (1 core)": itsim_pairs(shards, 0),
+        "itsim loader, workers=2": itsim_pairs(shards, 2),
+        "itsim loader in-batch k=7, workers=0 (1 core)": itsim_pairs(shards, 0, "in-batch"),
+        "itsim loader in-batch k=7, workers=2": itsim_pairs(shards, 2, "in-batch"),
+    }
+    # Warm-up: start the workers and drain their prefetch queues (2 workers x 4 batches).
+    for stream in streams.values():
+        sum(islice(stream, 10 if mode != "tiny" else 2))
+    rates: dict[str, list[float]] = {name: [] for name in streams}
+    for _ in range(repeats):
+        for name, stream in streams.items():
+            rates[name].append(rate(stream, n_batches))
+    for stream in streams.values():
+        stream.close()  # type: ignore[attr-defined]  # ends the DataLoader workers
+    del streams
+    params = {"images": n_images, "image_size": size, "batch": BATCH, "batches_per_repeat": n_batches,
+              "source": "synthetic 320-640 px JPEG"}
+    r = {name: rec.measure(name, "pairs/s", "pairs/s", vals, **params) for name, vals in rates.items()}
+    ref = r["reference generator (1 core)"]
+    rec.ratio("balanced pairs, 1 core vs 1 core", r["itsim loader, workers=0 (1 core)"], ref, target=5.0,
+              note="one pair per decoded image on both sides: JPEG decoding per core")
+    rec.ratio("balanced pairs, 2 workers vs 1 core", r["itsim loader, workers=2"], ref,
+              note="2 cores against 1: how each feeds its trainer by default")
+    rec.ratio("in-batch pairs, 1 core vs 1 core", r["itsim loader in-batch k=7, workers=0 (1 core)"], ref,
+              target=5.0, note="1 + k pairs per decoded image (the in-batch trainer)")
+    rec.ratio("in-batch pairs, 2 workers vs 1 core", r["itsim loader in-batch k=7, workers=2"], ref)
+    rec.ratio("balanced pairs, 1 core vs the reference's own generator (130 pairs/s)",
+              r["itsim loader, workers=0 (1 core)"], 130.0,
+              note="the Keras/TensorFlow generator measured on this machine, as given in the issue")
+    return common.finish(rec)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
