@@ -26,10 +26,11 @@ class DemoConfig:
     images: int = field(default=2000, metadata={"help": "synthetic images to generate"})
     seed: int = 0
     image_size: int = field(default=64, metadata={"help": "side of the stored images (the reference uses 299)"})
-    steps: int = field(default=600, metadata={"help": "training steps"})
+    steps: int = field(default=1200, metadata={"help": "training steps"})
     batch_size: int = 32
     pairs: str = field(default="in-batch", metadata={"help": "balanced | in-batch"})
     negatives_k: int = 7
+    fusion: str = field(default="concat_product", metadata={"help": "head input: concat | concat_product"})
     lr: float = 2e-3
     workers: int = field(default=0, metadata={"help": "processes for synth/shards; 0 = all CPUs"})
     loader_workers: int = field(default=1, metadata={"help": "DataLoader workers while training"})
@@ -64,7 +65,7 @@ def run(cfg: DemoConfig) -> dict[str, Any]:
     shard_dir = out / "shards"
     manifest = shards.build_shards(shards.ShardConfig(
         captions=str(captions), images=str(data / "images"), out=str(shard_dir), image_size=cfg.image_size,
-        shard_size=250, workers=workers, seed=cfg.seed))
+        shard_size=250, workers=workers, seed=cfg.seed, splits=(0.8, 0.1, 0.1)))
     timings["shards_s"] = time.perf_counter() - t
 
     t = _stage("3/5 train")
@@ -75,7 +76,7 @@ def run(cfg: DemoConfig) -> dict[str, Any]:
         checkpoint_every=max(1, cfg.steps // 2), eval_every=max(1, cfg.steps // 4), workers=cfg.loader_workers,
         resume="auto", seed=cfg.seed, channels=(32, 64, 96, 128), embed_dim=64, lstm_hidden=64, text_dim=128,
         image_dim=256, head_dim=128, lstm_layers=2, cnn_dropout=0.1, lstm_dropout=0.1, head_dropout=0.1,
-        tensorboard=False)
+        fusion=cfg.fusion, tensorboard=False)
     train(train_cfg)
     timings["train_s"] = time.perf_counter() - t
 

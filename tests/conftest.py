@@ -12,6 +12,9 @@ FLICKR8K = Path(os.environ.get("ITSIM_FLICKR8K", ROOT.parent / "shared" / "data"
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# One compute thread per process: tests start many processes (DataLoader workers, Ray actors, ranks) on
+# 2 cores, and oversubscribed OpenMP threads spin-wait each other into a 5-10x slowdown.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 
 @pytest.fixture(scope="session")

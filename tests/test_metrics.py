@@ -210,7 +210,8 @@ def test_roc_and_score_histogram_plots_write_pngs(tmp_path):
 
 
 def test_training_curves_plot_tolerates_missing_keys_and_broken_lines(tmp_path):
-    lines = [json.dumps({"step": s, "loss": 1.0 / s, "lr": 1e-3, "train_acc": 0.5 + s / 400}) for s in range(10, 110, 10)]
+    lines = [json.dumps({"step": s, "loss": 1.0 / s, "lr": 1e-3, "train_acc": 0.5 + s / 400})
+             for s in range(10, 110, 10)]
     lines.insert(3, json.dumps({"step": 50, "val_loss": 0.6, "val_accuracy": 0.7, "val_roc_auc": 0.75}))
     lines.insert(5, json.dumps({"step": 60, "images_per_s": 100.0}))  # no loss at all
     lines.append('{"step": 110, "loss": 0.')  # killed mid-write

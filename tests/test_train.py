@@ -60,12 +60,13 @@ def test_model_encoders_head_and_forward_agree_and_survive_a_save_load(tmp_path)
 def test_short_training_run_beats_chance_on_synthetic_val(tiny_shards, tmp_path):
     from itsim.train import TrainConfig, train
 
-    summary = train(TrainConfig(shards=str(tiny_shards), out=str(tmp_path / "run"), steps=120, batch_size=32,
-                                lr=3e-3, warmup_steps=20, pairs="in-batch", workers=1, eval_every=0, log_every=50,
+    summary = train(TrainConfig(shards=str(tiny_shards), out=str(tmp_path / "run"), steps=300, batch_size=32,
+                                lr=3e-3, warmup_steps=15, pairs="in-batch", workers=1, eval_every=0, log_every=50,
                                 tensorboard=False, channels=(16, 32, 64), embed_dim=32, lstm_hidden=32,
-                                lstm_layers=1, text_dim=64, image_dim=64, head_dim=64))
-    assert summary["val_accuracy"] > 0.65, summary
-    assert summary["val_roc_auc"] > 0.70, summary
+                                lstm_layers=1, text_dim=64, image_dim=64, head_dim=64, fusion="concat_product",
+                                cnn_dropout=0.0, lstm_dropout=0.0, head_dropout=0.0))
+    assert summary["val_accuracy"] > 0.62, summary
+    assert summary["val_roc_auc"] > 0.72, summary
     lines = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     train_rows = [r for r in lines if "loss" in r]
     assert train_rows[-1]["loss"] < train_rows[0]["loss"]
