@@ -25,6 +25,7 @@ import torch
 from tqdm import tqdm
 
 from itsim import config, metrics, plots
+from itsim.data.loader import iter_split
 from itsim.errors import UserError
 from itsim.images import ImageError, load_image, resize, safe_path, to_array
 from itsim.model import encode_captions, load_model, resolve_device
@@ -32,7 +33,6 @@ from itsim.text import Vocab
 
 log = logging.getLogger(__name__)
 
-SAMPLE_MEMBERS = ("jpg", "json", "ids.npy", "lengths.npy")
 
 
 @dataclasses.dataclass
@@ -70,64 +70,17 @@ class EncodedSplit:
 
 # --- reading shards ---------------------------------------------------------------------------
 
-def shard_paths(shards_dir: str | Path, split: str) -> list[Path]:
-    """The split's tar files as listed in manifest.json; names that escape the folder are refused."""
-    from itsim.data.loader import read_manifest
+def shard_paths(shards_dir: str | Path, split: str) -> list[str]:
+    """The split's tar files (see `loader.split_shards`), with a clear error when the split is empty."""
+    from itsim.data.loader import read_manifest, split_shards
 
-    splits = read_manifest(shards_dir).get("splits") or {}
-    names = (splits.get(split) or {}).get("shards") or []
-    if not names:
+    paths = split_shards(shards_dir, split)
+    if not paths:
+        splits = read_manifest(shards_dir).get("splits") or {}
         available = sorted(k for k, v in splits.items() if (v or {}).get("shards"))
         raise UserError(f"{shards_dir}: split {split!r} has no shards; "
                         f"splits with shards: {', '.join(available) or 'none'}")
-    try:
-        paths = [safe_path(shards_dir, str(name)) for name in names]
-    except ImageError as exc:
-        raise UserError(f"{shards_dir}/manifest.json: bad shard name ({exc})") from None
-    missing = [p for p in paths if not p.is_file()]
-    if missing:
-        raise UserError(f"{len(missing)} shard(s) of split {split!r} listed in the manifest are missing, "
-                        f"e.g. {missing[0]}")
     return paths
-
-
-def iter_samples(paths: list[Path], skipped: dict[str, int]) -> Iterator[dict[str, Any]]:
-    """Decoded samples in shard order; unreadable data and bad samples counted in `skipped` by reason.
-
-    Only the four sample members are read from a tar and nothing is unpickled.
-    """
-    import webdataset as wds
-
-    from itsim.data.loader import decode_sample
-
-    def on_error(exc: Exception) -> bool:
-        skipped["unreadable_shard_data"] = skipped.get("unreadable_shard_data", 0) + 1
-        log.warning("skipping unreadable shard data: %s", exc)
-        return True
-
-    def wanted(name: str) -> bool:
-        base = name.rsplit("/", 1)[-1]
-        return "." in base and base.split(".", 1)[1].lower() in SAMPLE_MEMBERS
-
-    dataset = wds.WebDataset([str(p) for p in paths], shardshuffle=False, nodesplitter=None, workersplitter=None,
-                             empty_check=False, handler=on_error, select_files=wanted)
-    for raw in dataset:
-        reason = None
-        if not all(k in raw for k in SAMPLE_MEMBERS):
-            reason = "incomplete_sample"
-        else:
-            try:
-                sample = decode_sample(raw)
-            except ImageError as exc:
-                reason = f"image_{exc.reason}"
-            except (ValueError, KeyError, OSError) as exc:
-                reason = "bad_sample"
-                log.debug("bad sample %s: %s", raw.get("__key__"), exc)
-        if reason:
-            skipped[reason] = skipped.get(reason, 0) + 1
-            log.warning("skipping sample %s in %s: %s", raw.get("__key__"), raw.get("__url__"), reason)
-            continue
-        yield sample
 
 
 def _fit_image(image: np.ndarray, size: int, mode: str) -> np.ndarray:
@@ -160,7 +113,7 @@ def encode_split(model: Any, vocab: Vocab, pre: Any, shards_dir: str | Path, spl
     order training's validation reads them in, so the fixed pairs of `itsim eval --split val`
     are the ones behind training's `val_accuracy`.
     """
-    paths = shard_paths(shards_dir, split)
+    shard_paths(shards_dir, split)  # a clear error for an empty or unknown split
     shard_vocab = Path(shards_dir) / "vocab.json"
     shard_vocab_ok = shard_vocab.is_file() and Vocab.load(shard_vocab).hash == vocab.hash
     if not shard_vocab_ok:
@@ -180,7 +133,7 @@ def encode_split(model: Any, vocab: Vocab, pre: Any, shards_dir: str | Path, spl
         image_seconds += time.perf_counter() - start
         pending.clear()
 
-    for sample in tqdm(iter_samples(paths, skipped), desc=f"encode {split} images", unit="img", leave=False):
+    for sample in tqdm(iter_split(shards_dir, split, skipped), desc=f"encode {split} images", unit="img", leave=False):
         ids, lengths = _caption_arrays(sample, vocab, shard_vocab_ok, pre.max_len)
         if ids.shape[0] == 0:
             skipped["no_captions"] = skipped.get("no_captions", 0) + 1

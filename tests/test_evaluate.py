@@ -11,7 +11,8 @@ import torch
 from PIL import Image, ImageDraw
 
 from itsim.data.shards import ShardConfig, build_shards
-from itsim.evaluate import EvalConfig, encode_split, evaluate, iter_samples, score_all_pairs, shard_paths
+from itsim.data.loader import iter_split
+from itsim.evaluate import EvalConfig, encode_split, evaluate, score_all_pairs
 from itsim.model import ItsimModel, ModelConfig, Preprocess, load_model, save_model
 from itsim.text import Vocab
 
@@ -96,7 +97,7 @@ def test_evaluate_test_split_writes_metrics_and_plots(run):
 def test_retrieval_matrix_equals_forward_on_every_pair(run):
     model, vocab, pre = load_model(run / "run" / "model", "cpu")
     enc = encode_split(model, vocab, pre, run / "shards", "val", batch_size=2, device=torch.device("cpu"))
-    samples = list(iter_samples(shard_paths(run / "shards", "val"), {}))
+    samples = list(iter_split(run / "shards", "val"))
     assert [s["key"] for s in samples] == enc.keys
     images = torch.from_numpy(np.stack([s["image"] for s in samples]))
     ids = torch.from_numpy(np.concatenate([s["ids"] for s in samples])).long()

@@ -51,14 +51,20 @@ def read_manifest(shard_dir: str | Path) -> dict[str, Any]:
 
 
 def split_shards(shard_dir: str | Path, split: str) -> list[str]:
-    """Paths of one split's shards, as listed in the manifest (missing files are an error)."""
-    manifest = read_manifest(shard_dir)
-    names = manifest.get("splits", {}).get(split, {}).get("shards", [])
-    paths = [str(Path(shard_dir) / n) for n in names]
-    missing = [p for p in paths if not Path(p).is_file()]
+    """Paths of one split's shards as listed in the manifest; missing files or escaping names are errors."""
+    from itsim.images import safe_path
+
+    splits = read_manifest(shard_dir).get("splits") or {}
+    names = (splits.get(split) or {}).get("shards") or []
+    try:
+        paths = [safe_path(shard_dir, str(name)) for name in names]
+    except ImageError as exc:
+        raise UserError(f"{shard_dir}/manifest.json: bad shard name ({exc})") from None
+    missing = [p for p in paths if not p.is_file()]
     if missing:
-        raise UserError(f"{len(missing)} shard(s) listed in the manifest are missing, e.g. {missing[0]}")
-    return paths
+        raise UserError(f"{len(missing)} shard(s) of split {split!r} listed in the manifest are missing, "
+                        f"e.g. {missing[0]}")
+    return [str(p) for p in paths]
 
 
 def _seed(*parts: Any) -> int:
@@ -250,24 +256,39 @@ def make_loader(spec: StreamSpec, workers: int = 2, pin_memory: bool = False, pr
                       worker_init_fn=_ignore_stop_signals if workers > 0 else None)
 
 
-def read_split(shard_dir: str | Path, split: str, max_images: int | None = None,
-               max_pixels: int = DEFAULT_MAX_PIXELS) -> list[dict[str, Any]]:
-    """Every sample of a split in shard order (validation, evaluation); bad samples logged and skipped."""
-    out: list[dict[str, Any]] = []
+def iter_split(shard_dir: str | Path, split: str, skipped: dict[str, int] | None = None,
+               max_pixels: int = DEFAULT_MAX_PIXELS) -> Iterator[dict[str, Any]]:
+    """Every decodable sample of a split in shard order (validation, evaluation, scoring).
+
+    Bad data is logged with its shard and counted by reason in `skipped`; nothing is unpickled.
+    """
+    skipped = {} if skipped is None else skipped
+
+    def count(reason: str) -> None:
+        skipped[reason] = skipped.get(reason, 0) + 1
 
     def on_error(exc: Exception) -> bool:
+        count("unreadable_shard_data")
         log.warning("skipping unreadable shard data: %s", exc)
         return True
 
     urls = ({"url": u} for u in split_shards(shard_dir, split))
-    for s in tarfile_samples(urls, handler=on_error, select_files=_select):
-        if max_images is not None and len(out) >= max_images:
-            break
-        if not _complete(s):
-            log.warning("skipping incomplete sample %s in %s", s.get("__key__"), s.get("__url__"))
-            continue
-        try:
-            out.append(decode_sample(s, max_pixels))
-        except (ImageError, ValueError, KeyError, OSError) as exc:
-            log.warning("skipping bad sample %s in %s: %s", s.get("__key__"), s.get("__url__"), exc)
-    return out
+    for raw in tarfile_samples(urls, handler=on_error, select_files=_select):
+        if not _complete(raw):
+            reason = "incomplete_sample"
+        else:
+            try:
+                yield decode_sample(raw, max_pixels)
+                continue
+            except ImageError as exc:
+                reason = f"image_{exc.reason}"
+            except (ValueError, KeyError, OSError):
+                reason = "bad_sample"
+        count(reason)
+        log.warning("skipping sample %s in %s: %s", raw.get("__key__"), raw.get("__url__"), reason)
+
+
+def read_split(shard_dir: str | Path, split: str, max_images: int | None = None,
+               max_pixels: int = DEFAULT_MAX_PIXELS) -> list[dict[str, Any]]:
+    """The first `max_images` samples of a split, in memory."""
+    return list(islice(iter_split(shard_dir, split, max_pixels=max_pixels), max_images))
