@@ -158,6 +158,10 @@ def _make_accelerator(cfg: TrainConfig):
         raise UserError(
             f"WORLD_SIZE={world_env} but Accelerate sees one process: the processes would train alone and "
             "write the same checkpoints. On CPU launch with ACCELERATE_USE_CPU=1 (see launch/README.md).")
+    if "MASTER_PORT" in os.environ and "WORLD_SIZE" not in os.environ and accelerator.num_processes == 1:
+        # `accelerate launch --cpu --num_machines N` starts N unconnected single-process trainings.
+        raise UserError("a distributed launch (MASTER_PORT is set) started a single-process training: "
+                        "on CPU use ACCELERATE_USE_CPU=1 with --multi_gpu (see launch/README.md)")
     return accelerator, trackers
 
 
