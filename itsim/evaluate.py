@@ -11,14 +11,13 @@ Results go to `EVAL_DIR/metrics.json` (flat keys) with ROC, score-histogram and 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import dataclasses
 import json
 import logging
 import math
 import time
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 import torch
@@ -160,84 +159,11 @@ def encode_split(model: Any, vocab: Vocab, pre: Any, shards_dir: str | Path, spl
 
 # --- scoring with the head only ---------------------------------------------------------------
 
-def _foldable_head(model: Any) -> tuple[Any, Any, Any] | None:
-    """(linear1, batchnorm, linear2) when the head is the reference MLP in eval mode, else None."""
-    from torch import nn
-
-    net = getattr(getattr(model, "fusion", None), "net", None)
-    if getattr(model.fusion, "product", None) is not None:  # a bilinear term: not a sum of two parts
-        return None
-    if model.training or not isinstance(net, nn.Sequential) or len(net) != 5:
-        return None
-    lin1, bn, act, drop, lin2 = net
-    kinds = (nn.Linear, nn.BatchNorm1d, nn.ReLU, nn.Dropout, nn.Linear)
-    if not all(isinstance(m, k) for m, k in zip(net, kinds)) or lin2.out_features != 1 or bn.running_var is None:
-        return None
-    return lin1, bn, lin2
-
-
-@contextlib.contextmanager
-def _one_cpu_thread(device: torch.device) -> Iterator[None]:
-    """Run thousands of small memory-bound ops on one thread: fork/join costs more than it saves.
-
-    Measured on 2 shared cores (1,000 x 5,000 pairs): 0.6-0.9 s on one thread, 15-30 s on two
-    when other processes compete for the cores.
-    """
-    if device.type != "cpu":
-        yield
-        return
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(previous)
-
-
 @torch.inference_mode()
 def score_all_pairs(model: Any, image_vecs: torch.Tensor, caption_vecs: torch.Tensor,
                     max_elements: int = 1 << 20) -> torch.Tensor:
-    """Head logits for every image x every caption, [n_images, n_captions] float32.
-
-    The reference head is linear up to its ReLU, so its first layer splits into an image part and a
-    caption part computed once each, with the eval-mode BatchNorm folded in; each pair then costs
-    one add, a ReLU and a dot product instead of a 768x256 matmul. Other heads fall back to calling
-    `model.head` on repeated vectors. Either way work proceeds in chunks of about `max_elements`.
-    """
-    n_img, n_cap = image_vecs.shape[0], caption_vecs.shape[0]
-    parts = _foldable_head(model)
-    out = torch.empty((n_img, n_cap), dtype=torch.float32, device=image_vecs.device)
-    if parts is None:
-        rows = max(1, max_elements // max(1, n_cap * (image_vecs.shape[1] + caption_vecs.shape[1])))
-        for lo in range(0, n_img, rows):
-            img = image_vecs[lo:lo + rows]
-            logits = model.head(img.repeat_interleave(n_cap, dim=0), caption_vecs.repeat(img.shape[0], 1))
-            out[lo:lo + img.shape[0]] = logits.float().view(img.shape[0], n_cap)
-        return out
-    lin1, bn, lin2 = parts
-    d_img = image_vecs.shape[1]
-    weight = lin1.weight.float()
-    scale = bn.running_var.float().add(bn.eps).rsqrt()
-    shift = -bn.running_mean.float() * scale
-    if bn.weight is not None:
-        scale, shift = scale * bn.weight.float(), shift * bn.weight.float() + bn.bias.float()
-    img_part = (image_vecs.float() @ weight[:, :d_img].T) * scale  # [n_img, H]
-    cap_part = (caption_vecs.float() @ weight[:, d_img:].T + lin1.bias.float()) * scale + shift  # [n_cap, H]
-    w2, b2 = lin2.weight.float()[0], lin2.bias.float()[0]
-    hidden = img_part.shape[1]
-    cap_step = max(1, min(n_cap, max_elements // hidden))
-    img_step = max(1, min(n_img, max_elements // (cap_step * hidden)))
-    buffer = torch.empty((img_step, cap_step, hidden), dtype=torch.float32, device=out.device)
-    with _one_cpu_thread(out.device):
-        for i in range(0, n_img, img_step):
-            rows = img_part[i:i + img_step, None, :]
-            for c in range(0, n_cap, cap_step):
-                cols = cap_part[None, c:c + cap_step, :]
-                h = buffer[:rows.shape[0], :cols.shape[1]]
-                torch.add(rows, cols, out=h).clamp_min_(0.0)  # ReLU
-                logits = torch.mv(h.reshape(-1, hidden), w2).view(h.shape[:2]) + b2
-                out[i:i + rows.shape[0], c:c + cols.shape[1]] = logits
-    return out
+    """Head logits for every image x every caption [n_images, n_captions] (see `ItsimModel.score_matrix`)."""
+    return model.score_matrix(image_vecs, caption_vecs, max_elements=max_elements)
 
 
 @torch.inference_mode()
