@@ -359,7 +359,8 @@ def test_surviving_rank_exits_2_after_dist_timeout_when_its_peer_hangs(tiny_shar
     logging.getLogger(__name__).info("rank 0 exited %d, %.1f s after rank 1 froze (--dist-timeout 10)", code, waited)
     assert code == 2, procs[0].text[-3000:]
     line = _error_line(procs[0].text, "train")
-    assert "rank 0: a collective failed, another rank probably died" in line and "Timed out" in line
+    assert "rank 0: a collective failed, another rank probably died" in line
+    assert "timed out" in line.lower() or "timeout" in line.lower()  # gloo words it either way
     assert waited < 10 + 60
     assert "Traceback" not in procs[0].text
 
