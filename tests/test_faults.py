@@ -439,7 +439,7 @@ def test_ray_scoring_completes_with_every_row_once_after_an_actor_is_killed(ray_
                 victim.kill()
         else:
             replacements |= {a.pid for a in actors if a.pid != victim.pid}
-        time.sleep(0.05)
+        time.sleep(0.01 if victim is None else 0.1)
     assert victim is not None, "no scoring actor seen"
     thread.join(240)
     assert not thread.is_alive() and "error" not in result, result.get("error")
