@@ -161,7 +161,7 @@ def best_threshold(scores: Any, labels: Any, balanced: bool = False) -> tuple[fl
     cuts, tps, fps = _descending_thresholds(s, y)
     # Candidate 0 predicts everything negative; candidate k >= 1 predicts `score >= cuts[k-1]`.
     tps, fps = np.r_[0, tps], np.r_[0, fps]
-    tns, fns = n_neg - fps, n_pos - tps
+    tns = n_neg - fps
     if balanced:
         tpr = tps / n_pos if n_pos else np.zeros_like(tps, dtype=float)
         tnr = tns / n_neg if n_neg else np.zeros_like(tns, dtype=float)
