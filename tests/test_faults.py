@@ -154,7 +154,8 @@ def test_repeated_sigkill_at_random_points_resumes_from_the_newest_complete_chec
     assert final.finish() == 0, final.text[-3000:]
     assert f"resumed from {newest}" in final.text
     assert not list(ckpts.glob(".tmp-step_*"))
-    ref_params, params = load_file(str(tmp_path / "ref/model/model.safetensors")), load_file(str(run / "model/model.safetensors"))
+    ref_params = load_file(str(tmp_path / "ref" / "model" / "model.safetensors"))
+    params = load_file(str(run / "model" / "model.safetensors"))
     worst = max((ref_params[k] - params[k]).abs().max().item() for k in ref_params)
     assert worst == 0.0, f"largest parameter difference {worst} after kills {kills}"
     assert len(kills) == 4 and [k[0] for k in kills].count("checkpoint write") == 2
@@ -379,7 +380,8 @@ def _score_inputs(root: Path, n_rows: int) -> tuple[Path, Path, Path]:
     images = root / "images"
     images.mkdir(parents=True)
     for i in range(40):
-        Image.fromarray(np.random.default_rng(i).integers(0, 255, (96, 96, 3), dtype=np.uint8)).save(images / f"{i}.jpg")
+        pixels = np.random.default_rng(i).integers(0, 255, (96, 96, 3), dtype=np.uint8)
+        Image.fromarray(pixels).save(images / f"{i}.jpg")
     rows = pd.DataFrame({"image": [f"{i % 40}.jpg" for i in range(n_rows)],
                          "caption": [f"a dog number {i % 13} runs on grass" for i in range(n_rows)],
                          "pair_id": range(n_rows)})

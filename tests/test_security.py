@@ -20,7 +20,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from PIL import Image
 
 from badcorpus import png_bomb, smooth, tiff_without_second_frame_size
 from itsim import checkpoint
