@@ -205,9 +205,8 @@ class Scorer:
 
     def matrix_from_vectors(self, image_vecs: torch.Tensor, text_vecs: torch.Tensor) -> np.ndarray:
         """Probabilities [n_img, n_txt] from encoded vectors, running only the head over every pair."""
-        chunk = max(1, 65536 // max(1, len(text_vecs)))  # bound the pairs tensor to ~65k rows
         with torch.inference_mode(), self._autocast():
-            logits = self.model.score_matrix(image_vecs, text_vecs, chunk=chunk)
+            logits = self.model.score_matrix(image_vecs, text_vecs)
         return torch.sigmoid(logits.float()).cpu().numpy()
 
     # --- rows -----------------------------------------------------------------------------------
