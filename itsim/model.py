@@ -211,8 +211,6 @@ def count_parameters(model: nn.Module) -> int:
 def _foldable_head(model: "ItsimModel") -> tuple[Any, Any, Any] | None:
     """(linear1, batchnorm, linear2) when the head is the reference MLP in eval mode, else None."""
     net = getattr(getattr(model, "fusion", None), "net", None)
-    if getattr(model.fusion, "product", None) is not None:  # a bilinear term: not a sum of two parts
-        return None
     if model.training or not isinstance(net, nn.Sequential) or len(net) != 5:
         return None
     lin1, bn, act, drop, lin2 = net
@@ -261,15 +259,26 @@ def score_all_pairs(model: "ItsimModel", image_vecs: torch.Tensor, caption_vecs:
             out[lo:lo + img.shape[0]] = logits.float().view(img.shape[0], n_cap)
         return out
     lin1, bn, lin2 = parts
-    d_img = image_vecs.shape[1]
+    d_img, d_txt = image_vecs.shape[1], caption_vecs.shape[1]
     weight = lin1.weight.float()
     scale = bn.running_var.float().add(bn.eps).rsqrt()
     shift = -bn.running_mean.float() * scale
     if bn.weight is not None:
         scale, shift = scale * bn.weight.float(), shift * bn.weight.float() + bn.bias.float()
     img_part = (image_vecs.float() @ weight[:, :d_img].T) * scale  # [n_img, H]
-    cap_part = (caption_vecs.float() @ weight[:, d_img:].T + lin1.bias.float()) * scale + shift  # [n_cap, H]
+    cap_part = (caption_vecs.float() @ weight[:, d_img:d_img + d_txt].T + lin1.bias.float()) * scale + shift
     w2, b2 = lin2.weight.float()[0], lin2.bias.float()[0]
+    product = getattr(model.fusion, "product", None)
+    if product is not None:  # concat_product: a bilinear term per pair, one batched matmul per image chunk
+        q = product(image_vecs.float())  # [n_img, d_txt]
+        w_prod = weight[:, d_img + d_txt:] * scale[:, None]  # [H, d_txt], BatchNorm scale folded in
+        caps_t = caption_vecs.float().T  # [d_txt, n_cap]
+        step = max(1, max_elements * 4 // max(1, n_cap * w_prod.shape[0]))
+        for i in range(0, n_img, step):
+            bilinear = (q[i:i + step, None, :] * w_prod[None]) @ caps_t  # [n, H, n_cap]
+            h = (bilinear + img_part[i:i + step, :, None] + cap_part.T[None]).clamp_min_(0.0)
+            out[i:i + h.shape[0]] = torch.einsum("nhc,h->nc", h, w2) + b2
+        return out
     hidden = img_part.shape[1]
     cap_step = max(1, min(n_cap, max_elements // hidden))
     img_step = max(1, min(n_img, max_elements // (cap_step * hidden)))

@@ -179,3 +179,18 @@ def test_world_size_without_distributed_launch_is_refused(tiny_shards, tmp_path)
                           env={**ENV, "WORLD_SIZE": "2"}, capture_output=True, text=True, timeout=120)
     assert done.returncode == 2
     assert "WORLD_SIZE=2" in done.stderr and "Traceback" not in done.stderr
+
+
+@pytest.mark.parametrize("fusion", ["concat", "concat_product"])
+def test_score_matrix_equals_the_head_on_every_pair(fusion):
+    torch.manual_seed(0)
+    model = ItsimModel(ModelConfig(vocab_size=50, channels=(8,), image_dim=24, text_dim=16, embed_dim=8,
+                                   lstm_hidden=8, lstm_layers=1, head_dim=12, fusion=fusion)).eval()
+    bn = model.fusion.net[1]  # non-trivial running statistics, so the folding is really exercised
+    bn.running_mean.normal_()
+    bn.running_var.uniform_(0.5, 2.0)
+    image_vec, text_vec = torch.randn(7, 24), torch.randn(11, 16)
+    with torch.no_grad():
+        expected = torch.stack([model.head(image_vec[i:i + 1].expand(11, -1), text_vec) for i in range(7)])
+        got = model.score_matrix(image_vec, text_vec, max_elements=64)  # many small chunks
+    assert torch.allclose(got, expected, atol=1e-5)
