@@ -109,11 +109,29 @@ def build(cls: type[T], file_values: dict[str, Any] | None = None, overrides: di
 
 
 def from_args(cls: type[T], args: argparse.Namespace) -> T:
-    """Config from parsed flags, reading `args.config` (a YAML/TOML file) first when given."""
+    """Config from parsed flags, reading `args.config` (a YAML/TOML file) first when given.
+
+    Any problem with the file or a value is a UserError: one clear line for the user, no traceback.
+    """
+    from itsim.errors import UserError
+
     names = {f.name for f in dataclasses.fields(cls)}
     overrides = {k: v for k, v in vars(args).items() if k in names}
-    file_values = load_file(args.config) if getattr(args, "config", None) else None
-    return build(cls, file_values, overrides)
+    try:
+        file_values = load_file(args.config) if getattr(args, "config", None) else None
+        return build(cls, file_values, overrides)
+    except (OSError, ValueError, TypeError, yaml.YAMLError, tomllib.TOMLDecodeError) as exc:
+        raise UserError(str(exc)) from None
+
+
+def add_command(subparsers: Any, name: str, cls: type, func: Any, help: str, description: str | None = None,
+                skip: tuple[str, ...] = ()) -> argparse.ArgumentParser:
+    """A subcommand whose flags are `cls`'s fields, plus `--config FILE`; returns the parser."""
+    parser = subparsers.add_parser(name, help=help, description=description or help)
+    parser.add_argument("--config", metavar="FILE", help=f"YAML/TOML file of {cls.__name__} fields (flags override it)")
+    add_arguments(parser, cls, skip=skip)
+    parser.set_defaults(func=func)
+    return parser
 
 
 def to_dict(cfg: Any) -> dict[str, Any]:

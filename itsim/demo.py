@@ -119,7 +119,5 @@ def _cli(args: argparse.Namespace) -> int:
 
 
 def add_cli(subparsers) -> None:
-    p = subparsers.add_parser("demo", help="the main job on synthetic data: synth -> shards -> train -> eval -> score")
-    p.add_argument("--config", help="YAML/TOML file with DemoConfig fields")
-    config.add_arguments(p, DemoConfig)
-    p.set_defaults(func=_cli)
+    config.add_command(subparsers, "demo", DemoConfig, _cli,
+                       help="the main job on synthetic data: synth -> shards -> train -> eval -> score")

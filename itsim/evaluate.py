@@ -341,19 +341,13 @@ def summary_table(result: dict[str, Any]) -> str:
 
 
 def _main(args: argparse.Namespace) -> int:
-    try:
-        cfg = config.from_args(EvalConfig, args)
-    except (OSError, ValueError) as exc:
-        raise UserError(str(exc)) from None
-    result = evaluate(cfg)
+    result = evaluate(config.from_args(EvalConfig, args))
     print(f"itsim eval: split {result['split']} ({result['threshold_source']} threshold) -> {result['out']}")
     print(summary_table(result))
     return 0
 
 
 def add_cli(subparsers: Any) -> None:
-    parser = subparsers.add_parser("eval", help="pair metrics, retrieval and labelled pair files for a model",
-                                   description=__doc__.splitlines()[0])
-    parser.add_argument("--config", metavar="FILE", help="YAML/TOML file of options (flags override it)")
-    config.add_arguments(parser, EvalConfig)
-    parser.set_defaults(func=_main)
+    config.add_command(subparsers, "eval", EvalConfig, _main,
+                       help="pair metrics, retrieval and labelled pair files for a model",
+                       description=__doc__.splitlines()[0])

@@ -439,10 +439,8 @@ def _cli(args: argparse.Namespace) -> int:
 
 
 def add_cli(subparsers) -> None:
-    p = subparsers.add_parser("train", help="train a model on shards (also: accelerate launch -m itsim.train)")
-    p.add_argument("--config", help="YAML/TOML file with TrainConfig fields (flags override it)")
-    config.add_arguments(p, TrainConfig)
-    p.set_defaults(func=_cli)
+    config.add_command(subparsers, "train", TrainConfig, _cli,
+                       help="train a model on shards (also: accelerate launch -m itsim.train)")
 
 
 def main(argv: list[str] | None = None) -> int:

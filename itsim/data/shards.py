@@ -372,10 +372,7 @@ def summary_line(manifest: dict) -> str:
 
 
 def _main(args: argparse.Namespace) -> int:
-    try:
-        cfg = config.from_args(ShardConfig, args)
-    except (OSError, ValueError) as exc:
-        raise UserError(str(exc)) from None
+    cfg = config.from_args(ShardConfig, args)
     try:
         manifest = build_shards(cfg)
     except FailureRateError as exc:
@@ -387,8 +384,5 @@ def _main(args: argparse.Namespace) -> int:
 
 
 def add_cli(subparsers: Any) -> None:
-    parser = subparsers.add_parser("build-shards", help="caption file + images -> WebDataset shards",
-                                   description=__doc__.splitlines()[0])
-    parser.add_argument("--config", metavar="FILE", help="YAML/TOML file of options (flags override it)")
-    config.add_arguments(parser, ShardConfig)
-    parser.set_defaults(func=_main)
+    config.add_command(subparsers, "build-shards", ShardConfig, _main,
+                       help="caption file + images -> WebDataset shards", description=__doc__.splitlines()[0])

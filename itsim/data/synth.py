@@ -486,10 +486,7 @@ def generate(out_dir: str | Path, n_images: int, seed: int, *, min_size: int = 3
 
 
 def _cli(args: argparse.Namespace) -> int:
-    try:
-        cfg = config.from_args(SynthConfig, args)
-    except (OSError, ValueError) as exc:
-        raise UserError(str(exc)) from None
+    cfg = config.from_args(SynthConfig, args)
     _validate(cfg)
     log.info("%s", config.describe(cfg))
     start = time.perf_counter()
@@ -501,10 +498,8 @@ def _cli(args: argparse.Namespace) -> int:
 
 
 def add_cli(subparsers: argparse._SubParsersAction) -> None:
-    parser = subparsers.add_parser(
-        "synth", help="write synthetic captioned images (Flickr30k results.csv layout)",
+    parser = config.add_command(
+        subparsers, "synth", SynthConfig, _cli, skip=("out",),
+        help="write synthetic captioned images (Flickr30k results.csv layout)",
         description="Procedurally drawn shapes with paraphrased captions; byte-identical for a seed.")
     parser.add_argument("out", help="output folder: results.csv, images/, README.txt, synth_config.yaml")
-    parser.add_argument("--config", help="YAML/TOML file with SynthConfig fields (flags override it)")
-    config.add_arguments(parser, SynthConfig, skip=("out",))
-    parser.set_defaults(func=_cli)
