@@ -26,7 +26,7 @@ class DemoConfig:
     images: int = field(default=2000, metadata={"help": "synthetic images to generate"})
     seed: int = 0
     image_size: int = field(default=64, metadata={"help": "side of the stored images (the reference uses 299)"})
-    steps: int = field(default=1200, metadata={"help": "training steps"})
+    steps: int = field(default=1500, metadata={"help": "training steps"})
     batch_size: int = 32
     pairs: str = field(default="in-batch", metadata={"help": "balanced | in-batch"})
     negatives_k: int = 7
@@ -112,6 +112,9 @@ def _cli(args: argparse.Namespace) -> int:
     acc = summary["val_balanced_accuracy"]
     print(f"\nitsim demo finished in {summary['total_s']:.0f} s")
     print(f"  val balanced-pair accuracy {acc:.3f} (target {cfg.min_accuracy:.2f}), ROC-AUC {summary['val_roc_auc']:.3f}")
+    score = summary.get("score") or {}
+    print(f"  scored {score.get('scored', 0)} of {score.get('rows', 0)} test-split pairs with the Ray job "
+          f"({score.get('rows_per_second', 0):.0f} rows/s; errors: {score.get('errors') or 'none'})")
     for name, path in summary["outputs"].items():
         print(f"  {name:8s} {path}")
     print(f"  summary  {Path(cfg.out) / 'demo_summary.json'}")
