@@ -5,7 +5,6 @@ Ray results are checked row by row against the in-process `Scorer` on the same p
 """
 from __future__ import annotations
 
-import io
 import json
 import os
 import subprocess
