@@ -129,6 +129,9 @@ def test_scorer_scores_pairs_and_names_every_bad_row(data):
     pil = [Image.open(data["images"] / p) for p in paths]
     raw = [(data["images"] / p).read_bytes() for p in paths]
     np.testing.assert_allclose(scorer.score(pil, caps), scorer.score(raw, caps), atol=1e-6)
+    # The all-pairs path (encode once, head over every pair) agrees with scoring pair by pair.
+    matrix = scorer.score_matrix(paths[:6], caps[:6])
+    np.testing.assert_allclose(np.diag(matrix), scores[first[:6]], atol=1e-5)
     assert np.isnan(scorer.score(paths[:3], [5, None, "a dog"])[:2]).all()
     assert scorer.score_rows({"image": paths[:2], "caption": [3, "a dog"]})[1] == ["not_text", None]
 
