@@ -5,7 +5,8 @@ expanded input list and `row_index` its row's place in read order: the same inpu
 same ids, and an output row can be traced to its source line. Each read task streams one file (a
 Parquet file: a range of row groups) in blocks, so the driver never holds the data. Rows the reader
 cannot parse (a CSV line with the wrong number of fields, a broken shard sample) become rows with a
-`READ_ERROR` reason, never disappear.
+`READ_ERROR` reason, never disappear; a shard whose tar stream ends early (cut, or an invalid header
+in the middle) adds one `bad_shard` row.
 """
 from __future__ import annotations
 
@@ -25,6 +26,7 @@ from ray.data import Datasource, ReadTask
 from ray.data.block import BlockMetadata
 from webdataset.tariterators import base_plus_ext
 
+from itsim.data.loader import tar_end_problem
 from itsim.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -174,10 +176,15 @@ SHARD_SCHEMA = pa.schema([(ROW_ID, pa.int64()), ("image", pa.string()), ("captio
 
 
 def _samples(path: str) -> Iterator[dict[str, Any]]:
-    """Tar members grouped into samples by key, as webdataset groups them."""
+    """Tar members grouped into samples by key, as webdataset groups them.
+
+    Raises `tarfile.ReadError` after the last sample when the stream ended early: tarfile itself stops
+    without an error at an invalid header, which would silently drop the rest of the shard.
+    """
     sample: dict[str, Any] | None = None
     with tarfile.open(path, mode="r|*") as tar:
         for member in tar:
+            tar.members = []  # stream mode would keep every TarInfo of the shard
             if not member.isfile():
                 continue
             key, ext = base_plus_ext(member.name)
@@ -188,8 +195,11 @@ def _samples(path: str) -> Iterator[dict[str, Any]]:
                     yield sample
                 sample = {"__key__": key}
             sample[ext.lower()] = tar.extractfile(member).read()
-    if sample is not None:
-        yield sample
+        if sample is not None:
+            yield sample
+        problem = tar_end_problem(tar)
+    if problem:
+        raise tarfile.ReadError(problem)
 
 
 def _sample_rows(sample: dict[str, Any], shard: str, per_image: bool = False) -> list[dict[str, Any]]:

@@ -544,10 +544,6 @@ def header_damaged_shard(tiny_shards, tmp_path_factory) -> Path:
     return shard
 
 
-@pytest.mark.xfail(strict=True, reason="itsim/data/loader.py (via webdataset's tar iterator): tarfile ends "
-                   "iteration at an invalid header without raising, so the rest of the shard is dropped with "
-                   "only one 'incomplete sample' warning; fix: after a shard's members, check the stream reached "
-                   "the end (only zero blocks left) and otherwise report 'skipping unreadable shard data' for it")
 def test_loader_reports_a_shard_whose_middle_header_is_corrupt(header_damaged_shard, caplog):
     from itertools import islice
 
@@ -559,10 +555,6 @@ def test_loader_reports_a_shard_whose_middle_header_is_corrupt(header_damaged_sh
                for r in caplog.records)
 
 
-@pytest.mark.xfail(strict=True, reason="itsim/score_read.py: tarfile stops at an invalid header mid-shard without "
-                   "raising, so the remaining samples' rows vanish with no error row (225 captions -> 111 rows + 1 "
-                   "bad_sample); fix: after iterating, check that only zero blocks remain and otherwise add the "
-                   "'bad_shard' row it adds for a truncated shard")
 @pytest.mark.timeout(300)
 def test_scorer_records_a_shard_whose_middle_header_is_corrupt(header_damaged_shard, ray_local, tmp_path):
     import pandas as pd
@@ -580,3 +572,97 @@ def test_scorer_records_a_shard_whose_middle_header_is_corrupt(header_damaged_sh
                           batch_size=64, workers=1))
     df = pd.concat([pd.read_parquet(p) for p in sorted((tmp_path / "out").glob("*.parquet"))], ignore_index=True)
     assert (df["error"] == "bad_shard").sum() == 1
+
+
+def _tar_bytes(n_members: int, compression: str = "") -> bytes:
+    """A real tar of `n_members` 700-byte members of random data (never all zero)."""
+    import io
+
+    buf = io.BytesIO()
+    rng = random.Random(n_members)
+    with tarfile.open(fileobj=buf, mode="w:" + compression) as tar:
+        for i in range(n_members):
+            data = bytes(rng.randrange(1, 256) for _ in range(700))
+            info = tarfile.TarInfo(f"s{i:03d}.jpg")
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    return buf.getvalue()
+
+
+def _end_problem(data: bytes) -> tuple[int, str | None]:
+    """Members tarfile yields in stream mode, and what `tar_end_problem` says after them."""
+    import io
+
+    from itsim.data.loader import tar_end_problem
+
+    with tarfile.open(fileobj=io.BytesIO(data), mode="r|*") as tar:
+        n = sum(1 for _ in tar)
+        return n, tar_end_problem(tar)
+
+
+def test_tar_end_check_tells_a_real_end_from_a_cut_a_bad_header_or_a_second_archive():
+    import gzip
+
+    healthy = _tar_bytes(6)
+    with tarfile.open(fileobj=__import__("io").BytesIO(healthy)) as tar:
+        offsets = [m.offset for m in tar.getmembers()]
+    assert _end_problem(healthy) == (6, None)
+    assert _end_problem(_tar_bytes(6, "gz")) == (6, None)
+
+    bad_header = bytearray(healthy)
+    bad_header[offsets[3]:offsets[3] + 100] = b"\xff" * 100
+    n, problem = _end_problem(bytes(bad_header))
+    assert n == 3 and problem == f"invalid tar header at byte {offsets[3]}; the rest of the shard cannot be read"
+    n, problem = _end_problem(gzip.compress(bytes(bad_header)))  # the same check through a decompressing stream
+    assert n == 3 and problem.startswith("invalid tar header")
+
+    for cut in (offsets[3], offsets[3] + 200):  # on a header boundary (no end marker), and inside a header
+        n, problem = _end_problem(healthy[:cut])
+        assert n == 3 and problem == f"cut off at byte {cut} (no end-of-archive marker)"
+
+    n, problem = _end_problem(healthy + _tar_bytes(2))  # tarfile stops at the first archive's end marker
+    assert n == 6 and problem.startswith("invalid tar header")
+
+
+def test_iter_split_counts_a_shard_cut_on_a_member_boundary_as_unreadable_shard_data(tiny_shards, tmp_path, caplog):
+    from itsim.data.loader import iter_split
+
+    folder = tmp_path / "shards"
+    shutil.copytree(tiny_shards, folder)
+    shard = folder / "train-000002.tar"
+    with tarfile.open(shard) as tar:
+        members = tar.getmembers()
+    first = len(members) // 2 - (len(members) // 2) % 4  # a sample's first member (4 members per sample)
+    cut = members[first]
+    assert cut.name.split(".", 1)[0] != members[first - 1].name.split(".", 1)[0]
+    shard.write_bytes(shard.read_bytes()[:cut.offset])
+    skipped: dict[str, int] = {}
+    keys = [s["key"] for s in iter_split(folder, "train", skipped)]
+    intact = [s["key"] for s in iter_split(tiny_shards, "train")]
+    assert skipped == {"unreadable_shard_data": 1}  # one count for the shard, no incomplete sample
+    assert len(keys) == len(intact) - sum(m.name.endswith(".jpg") for m in members[first:])
+    assert any("unreadable shard data" in r.getMessage() and "train-000002.tar" in r.getMessage()
+               and "no end-of-archive marker" in r.getMessage() for r in caplog.records)
+
+
+def test_scorer_reader_keeps_the_rows_before_a_corrupt_header_then_one_bad_shard_row(header_damaged_shard,
+                                                                                      tiny_shards):
+    import pyarrow as pa
+
+    from itsim.score_read import READ_ERROR, ScoreInputs
+
+    with tarfile.open(tiny_shards / header_damaged_shard.name) as tar:
+        members = tar.getmembers()
+        cut = members[len(members) // 2]
+        before = [m for m in members if m.offset < cut.offset]
+        whole = {m.name.rsplit(".", 1)[0] for m in before if m.name.endswith(".json")}
+        whole -= {cut.name.split(".", 1)[0]}  # the sample the corrupt header cuts in two
+        captions = sum(len(json.loads(tar.extractfile(m).read())["captions"]) for m in before
+                       if m.name.endswith(".json") and m.name.rsplit(".", 1)[0] in whole)
+    (read, _, _), = ScoreInputs([header_damaged_shard], "shards", 1000).read_plan()
+    table = pa.concat_tables(list(read()))
+    errors = table.column(READ_ERROR).to_pylist()
+    assert errors.count(None) == captions and errors[-1] == "bad_shard"
+    assert errors.count("bad_shard") == 1 and errors.count("bad_sample") == 1  # the sample cut in two
+    assert table.column("shard").to_pylist()[-1] == str(header_damaged_shard)
+    assert table.column("row_id").to_pylist() == list(range(table.num_rows))

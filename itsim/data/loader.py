@@ -13,6 +13,10 @@ skipped as raw bytes, before any JPEG is decoded.
 Security: only the `jpg`, `json`, `ids.npy` and `lengths.npy` members are read from a tar; nothing
 is unpickled (`np.load(allow_pickle=False)`); any other member (a planted `.pyd`/`.pickle`) is
 never even read.
+
+Damaged shards: tarfile ends its iteration without an error at an invalid header in the middle of a
+shard, or at a file cut on a header boundary, so `_tar_files` checks that each tar really ended
+(`tar_end_problem`) and reports the rest of the shard as unreadable shard data.
 """
 from __future__ import annotations
 
@@ -21,6 +25,7 @@ import io
 import json
 import logging
 import random
+import tarfile
 from dataclasses import dataclass
 from itertools import islice
 from pathlib import Path
@@ -30,7 +35,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from webdataset.filters import _shuffle
-from webdataset.tariterators import tarfile_samples
+from webdataset.tariterators import group_by_keys, url_opener
 
 from itsim.errors import UserError
 from itsim.images import DEFAULT_MAX_PIXELS, ImageError, decode_rgb
@@ -80,6 +85,52 @@ def key_id(key: str) -> int:
 def _select(name: str) -> bool:
     base = name.rsplit("/", 1)[-1]
     return "." in base and base.split(".", 1)[1].lower() in SAMPLE_KEYS
+
+
+def tar_end_problem(tar: tarfile.TarFile) -> str | None:
+    """Why a stream-mode tar (`mode="r|*"`) that has just run out of members did not really end, or None.
+
+    tarfile stops without raising at an invalid header after the first member, and at a file cut on a
+    header boundary, which silently drops the rest of a shard. A real end is a zero block followed by
+    nothing but zeros. This reads on from where tarfile stopped and stops at the first non-zero chunk,
+    so it costs at most the archive's end padding (one 10 KiB record) on a healthy shard.
+    """
+    stream = tar.fileobj  # tarfile's _Stream: `pos` counts the bytes it has consumed
+    if stream.pos - tar.offset < tarfile.BLOCKSIZE:
+        return f"cut off at byte {stream.pos} (no end-of-archive marker)"
+    while chunk := stream.read(tarfile.RECORDSIZE):
+        if chunk.strip(b"\0"):
+            return f"invalid tar header at byte {tar.offset}; the rest of the shard cannot be read"
+    return None
+
+
+def _tar_files(sources: Iterator[dict[str, Any]], handler: Any) -> Iterator[dict[str, Any]]:
+    """webdataset's `tar_file_expander` with `_select`, plus the end check, and one handler call per bad
+    shard (webdataset's calls it for a failed read and again for the iteration that follows it)."""
+    for source in sources:
+        url = source["url"]
+        try:
+            with tarfile.open(fileobj=source["stream"], mode="r|*") as tar:
+                for info in tar:
+                    tar.members = []  # stream mode would keep every TarInfo of the shard
+                    if info.isreg() and _select(info.name):
+                        yield {"fname": info.name, "data": tar.extractfile(info).read(), "__url__": url}
+                problem = tar_end_problem(tar)
+            if problem:
+                raise tarfile.ReadError(problem)
+        except Exception as exc:  # as webdataset's expander: the handler decides (ours log, count, go on)
+            if not handler(ValueError(f"{url}: {exc}")):
+                return
+        finally:
+            source["stream"].close()
+        yield {}  # end of shard: group_by_keys never mixes two shards' members into one sample
+
+
+def shard_samples(urls: list[str], handler: Any) -> Iterator[dict[str, Any]]:
+    """Raw samples (`__key__`, `__url__`, the `SAMPLE_KEYS` members) of shards in order; bad shard data
+    goes to `handler(exception)` with the shard named in its message."""
+    return group_by_keys(_tar_files(url_opener(({"url": u} for u in urls), handler=handler), handler),
+                         handler=handler)
 
 
 def _complete(sample: dict[str, Any]) -> bool:
@@ -175,7 +226,7 @@ class ShardStream(IterableDataset):
                         stats["bad_samples"] += 1
                         log.warning("skipping incomplete sample %s in %s", s.get("__key__"), s.get("__url__"))
 
-            raw = tarfile_samples(({"url": u} for u in urls), handler=on_error, select_files=_select)
+            raw = shard_samples(urls, on_error)
             rng = random.Random(_seed(spec.seed, epoch, cycle, spec.rank, logical, "samples"))
             yield from _shuffle(complete(raw), bufsize=spec.shuffle_buffer, initial=min(100, spec.shuffle_buffer),
                                 rng=rng)
@@ -272,8 +323,7 @@ def iter_split(shard_dir: str | Path, split: str, skipped: dict[str, int] | None
         log.warning("skipping unreadable shard data: %s", exc)
         return True
 
-    urls = ({"url": u} for u in split_shards(shard_dir, split))
-    for raw in tarfile_samples(urls, handler=on_error, select_files=_select):
+    for raw in shard_samples(split_shards(shard_dir, split), on_error):
         if not _complete(raw):
             reason = "incomplete_sample"
         else:
