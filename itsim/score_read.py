@@ -6,18 +6,23 @@ same ids, and an output row can be traced to its source line. Each read task str
 Parquet file: a range of row groups) in blocks, so the driver never holds the data. Rows the reader
 cannot parse (a CSV line with the wrong number of fields, a broken shard sample) become rows with a
 `READ_ERROR` reason, never disappear; a shard whose tar stream ends early (cut, or an invalid header
-in the middle) adds one `bad_shard` row.
+in the middle) adds one `bad_shard` row. CSV/TSV bytes that are not UTF-8 are replaced by U+FFFD,
+as `data/captions.py` does, so one bad byte costs one character, not the file. Headerless tables
+are read with names given by `--columns` (`TableColumns(names, header=False)`).
 """
 from __future__ import annotations
 
+import codecs
 import csv
 import functools
+import io
 import glob
 import json
 import logging
 import tarfile
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterator, Sequence
 
 import pyarrow as pa
 import pyarrow.csv as pv
@@ -38,6 +43,7 @@ RESERVED = (ROW_ID, "score", "error")
 SUFFIXES = {".csv": "csv", ".tsv": "tsv", ".tab": "tsv", ".parquet": "parquet", ".pq": "parquet", ".tar": "shards"}
 SHARD_COLUMNS = ("image", "caption", "caption_idx", "split", "key", "shard")
 _CSV_BLOCK = 4 << 20
+_REPLACEMENT = "\ufffd"
 _PARQUET_ROWS_PER_TASK = 1 << 16
 
 
@@ -103,33 +109,117 @@ def _csv_parse(fmt: str, bad_rows: list[str] | None = None) -> pv.ParseOptions:
                            invalid_row_handler=handler)
 
 
+@dataclass(frozen=True)
+class TableColumns:
+    """A table's column names, and whether its first line is a header (False: names from `--columns`)."""
+
+    names: tuple[str, ...]
+    header: bool = True
+
+
+def _first_record(path: Path, fmt: str) -> list[str] | None:
+    """The first CSV/TSV record, decoded as the reader decodes the file (BOM dropped, bad bytes replaced)."""
+    with open(path, newline="", encoding="utf-8-sig", errors="replace") as fh:
+        return next(csv.reader(fh, delimiter="\t" if fmt == "tsv" else ","), None)
+
+
 def table_columns(path: Path, fmt: str) -> list[str]:
     """Column names of a table, read from its header or Parquet footer only."""
     try:
         if fmt == "parquet":
             return list(pq.read_schema(path).names)
-        with open(path, newline="", encoding="utf-8-sig") as fh:  # the header line only
-            names = next(csv.reader(fh, delimiter="\t" if fmt == "tsv" else ","), None)
-    except (pa.ArrowException, OSError, UnicodeDecodeError, csv.Error) as exc:
+        names = _first_record(path, fmt)
+    except (pa.ArrowException, OSError, csv.Error) as exc:
         raise UserError(f"{path}: cannot read as {fmt} ({exc})") from None
     if not names:
         raise UserError(f"{path}: empty file (no header line)")
     return names
 
 
-def check_tables(files: list[Path], fmt: str, needed: tuple[str, ...]) -> dict[Path, list[str]]:
+def _given_columns(path: Path, fmt: str, names: tuple[str, ...]) -> None:
+    """A headerless table must have as many fields as `--columns` names, or every row would be a bad_row."""
+    if fmt not in ("csv", "tsv"):
+        raise UserError(f"{path}: --columns names the columns of headerless CSV/TSV tables, not {fmt} files")
+    try:
+        first = _first_record(path, fmt)
+    except (OSError, csv.Error) as exc:
+        raise UserError(f"{path}: cannot read as {fmt} ({exc})") from None
+    if first is not None and len(first) != len(names):
+        raise UserError(f"{path}: the first line has {len(first)} fields but --columns names {len(names)} "
+                        f"({', '.join(names)})")
+    if first is not None and [f.strip() for f in first] == list(names):
+        log.warning("%s: the first line equals --columns; it is scored as data (drop --columns for a header)", path)
+
+
+def check_tables(files: list[Path], fmt: str, needed: tuple[str, ...],
+                 names: Sequence[str] | None = None) -> dict[Path, TableColumns]:
+    """Each table's columns, checked for `needed` and for clashes with the output's own columns.
+
+    `names` (from `--columns`) are the columns of headerless CSV/TSV tables: the first line is data.
+    """
+    given = tuple(n.strip() for n in names) if names else None
+    if given is not None and (not all(given) or len(set(given)) != len(given)):
+        raise UserError(f"--columns {','.join(given)}: names must be non-empty and distinct")
     columns = {}
     for f in files:
-        names = table_columns(f, fmt)
-        missing = [c for c in needed if c not in names]
+        if given is not None:
+            _given_columns(f, fmt, given)
+        cols = TableColumns(given, header=False) if given is not None else TableColumns(tuple(table_columns(f, fmt)))
+        missing = [c for c in needed if c not in cols.names]
         if missing:
-            raise UserError(f"{f}: no column {', '.join(map(repr, missing))}; columns are {', '.join(names)} "
+            where = "--columns" if given is not None else f"{f}:"
+            raise UserError(f"{where} no column {', '.join(map(repr, missing))}; columns are {', '.join(cols.names)} "
                             "(choose with --image-col/--caption-col)")
-        clash = [c for c in RESERVED if c in names]
+        clash = [c for c in RESERVED if c in cols.names]
         if clash:
             raise UserError(f"{f}: has column(s) {', '.join(clash)}, which the output adds; rename them first")
-        columns[f] = names
+        columns[f] = cols
     return columns
+
+
+class Utf8Replaced(io.RawIOBase):
+    """A file read as UTF-8 with undecodable bytes replaced by U+FFFD (and handed on re-encoded).
+
+    pyarrow's CSV reader rejects invalid UTF-8 in string columns, and also in the text of a malformed
+    row before our handler sees it, so the bytes are made valid before pyarrow parses them. It streams:
+    one chunk is decoded at a time, and the incremental decoder keeps a character split across chunks.
+    """
+
+    def __init__(self, path: str, chunk: int = _CSV_BLOCK):
+        super().__init__()
+        self._fh = open(path, "rb")
+        self._decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        self._pending = b""
+        self._eof = False
+        self._chunk = chunk
+        self._decoded = self._in_file = 0  # U+FFFD decoded; U+FFFD the file itself holds (valid UTF-8)
+        self._tail = b""  # last bytes read, to find one of those split across reads
+
+    @property
+    def replaced(self) -> int:
+        """Undecodable byte sequences replaced so far."""
+        return self._decoded - self._in_file
+
+    def readable(self) -> bool:
+        return True
+
+    def read(self, size: int = -1) -> bytes:
+        while not self._eof and (size < 0 or len(self._pending) < size):
+            raw = self._fh.read(self._chunk if size < 0 else max(size, self._chunk))
+            self._eof = not raw
+            text = self._decoder.decode(raw, final=self._eof)
+            window = self._tail + raw
+            self._in_file += window.count(_REPLACEMENT.encode())
+            self._tail = window[-2:]
+            self._decoded += text.count(_REPLACEMENT)
+            self._pending += text.encode()
+        size = len(self._pending) if size < 0 else size
+        out, self._pending = self._pending[:size], self._pending[size:]
+        return out
+
+    def close(self) -> None:
+        self._fh.close()
+        super().close()
 
 
 def _with_ids(table: pa.Table, file_index: int, start: int) -> pa.Table:
@@ -137,25 +227,30 @@ def _with_ids(table: pa.Table, file_index: int, start: int) -> pa.Table:
     return table.add_column(0, ROW_ID, ids)
 
 
-def _read_csv(path: str, file_index: int, fmt: str, names: list[str], block_rows: int) -> Iterator[pa.Table]:
+def _read_csv(path: str, file_index: int, fmt: str, columns: TableColumns, block_rows: int) -> Iterator[pa.Table]:
     bad: list[str] = []
-    # Every column as text: types inferred from the first block can break on a later row.
-    reader = pv.open_csv(path, read_options=pv.ReadOptions(block_size=_CSV_BLOCK), parse_options=_csv_parse(fmt, bad),
-                         convert_options=pv.ConvertOptions(column_types={n: pa.string() for n in names}))
-    schema = reader.schema.append(pa.field(READ_ERROR, pa.string()))
-    row = 0
-    for batch in reader:
-        table = pa.Table.from_batches([batch]).append_column(READ_ERROR, pa.nulls(batch.num_rows, pa.string()))
-        if bad:
-            log.warning("%s: %d malformed line(s) kept as error rows, e.g. %r", path, len(bad), bad[0][:200])
-            nulls = {n: pa.nulls(len(bad), schema.field(n).type) for n in names}
-            errors = pa.array(["bad_row"] * len(bad), pa.string())
-            table = pa.concat_tables([table, pa.table({**nulls, READ_ERROR: errors}, schema=schema)])
-            bad.clear()
-        for start in range(0, table.num_rows, block_rows):
-            piece = table.slice(start, block_rows)
-            yield _with_ids(piece, file_index, row)
-            row += piece.num_rows
+    names = list(columns.names)
+    read = pv.ReadOptions(block_size=_CSV_BLOCK, column_names=None if columns.header else names)
+    with Utf8Replaced(path) as source:
+        # Every column as text: types inferred from the first block can break on a later row.
+        reader = pv.open_csv(source, read_options=read, parse_options=_csv_parse(fmt, bad),
+                             convert_options=pv.ConvertOptions(column_types={n: pa.string() for n in names}))
+        schema = reader.schema.append(pa.field(READ_ERROR, pa.string()))
+        row = 0
+        for batch in reader:
+            table = pa.Table.from_batches([batch]).append_column(READ_ERROR, pa.nulls(batch.num_rows, pa.string()))
+            if bad:
+                log.warning("%s: %d malformed line(s) kept as error rows, e.g. %r", path, len(bad), bad[0][:200])
+                nulls = {n: pa.nulls(len(bad), schema.field(n).type) for n in names}
+                errors = pa.array(["bad_row"] * len(bad), pa.string())
+                table = pa.concat_tables([table, pa.table({**nulls, READ_ERROR: errors}, schema=schema)])
+                bad.clear()
+            for start in range(0, table.num_rows, block_rows):
+                piece = table.slice(start, block_rows)
+                yield _with_ids(piece, file_index, row)
+                row += piece.num_rows
+    if source.replaced:
+        log.warning("%s: %d byte sequence(s) that are not UTF-8 replaced by U+FFFD", path, source.replaced)
 
 
 def _read_parquet(path: str, file_index: int, row_groups: list[int], first_row: int,
@@ -261,7 +356,7 @@ class ScoreInputs(Datasource):
     `per_image=True` (shards only) yields one row per image instead of one per caption.
     """
 
-    def __init__(self, files: list[Path], fmt: str, block_rows: int, columns: dict[Path, list[str]] | None = None,
+    def __init__(self, files: list[Path], fmt: str, block_rows: int, columns: dict[Path, TableColumns] | None = None,
                  per_image: bool = False):
         super().__init__()
         self.files, self.fmt, self.block_rows = list(files), fmt, block_rows
@@ -294,8 +389,8 @@ class ScoreInputs(Datasource):
             if self.fmt == "parquet":
                 plan += self._parquet_tasks(index, path)
             elif self.fmt in ("csv", "tsv"):
-                names = self.columns.get(path) or table_columns(path, self.fmt)
-                plan.append((functools.partial(_read_csv, str(path), index, self.fmt, names, self.block_rows),
+                cols = self.columns.get(path) or TableColumns(tuple(table_columns(path, self.fmt)))
+                plan.append((functools.partial(_read_csv, str(path), index, self.fmt, cols, self.block_rows),
                              None, size))
             elif self.fmt == "shards":
                 plan.append((functools.partial(_read_shard, str(path), index, self.block_rows, self.per_image),

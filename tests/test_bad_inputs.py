@@ -154,11 +154,6 @@ def test_score_keeps_every_row_and_malformed_lines_become_error_rows(scored):
 
 
 @pytest.mark.timeout(300)
-@pytest.mark.xfail(strict=True, reason="itsim/score_read.py decodes CSV text strictly: a non-UTF-8 byte in the "
-                   "first 8 KB refuses the whole file (UserError from table_columns), a later one fails the Ray job "
-                   "(pyarrow 'CSV conversion error to string: invalid UTF8 data'); fix: open the header with "
-                   "errors='replace' and read text columns as pa.binary(), decoding with errors='replace' as "
-                   "data/captions.py does")
 @pytest.mark.parametrize("where", ["early", "late"])
 def test_score_a_csv_with_a_non_utf8_byte_keeps_every_row(corpus, model_dir, ray_local, tmp_path, where):
     from itsim.score_ray import ScoreConfig, run_score
@@ -171,6 +166,44 @@ def test_score_a_csv_with_a_non_utf8_byte_keeps_every_row(corpus, model_dir, ray
     assert summary["rows"] == len(df) == n_rows
     assert (df["image"] == "cap_latin1.jpg").sum() == 1
     assert df.loc[df["image"] == "good.jpg", "error"].isna().all()
+
+
+@pytest.mark.timeout(300)
+def test_score_replaces_bad_bytes_in_a_header_a_caption_and_a_malformed_line(corpus, model_dir, ray_local, tmp_path):
+    """pyarrow decodes a malformed line's text before our handler sees it, so one bad byte there
+    would fail the job even with text columns read as binary; the reader makes the bytes valid first."""
+    from itsim.score_ray import ScoreConfig, run_score
+
+    path = tmp_path / "bytes.csv"
+    path.write_bytes(b"image,caption,n\xf6te\n"
+                     b"cap_latin1.jpg,A caf\xe9 with red chairs,a\n"
+                     b"good.jpg,\xff\xfe,b\n"  # nothing but bad bytes: an empty caption once normalised
+                     b"good.jpg,a dog \xe9,x,y\n"  # one field too many: a bad_row
+                     b"good.jpg,a good row,c\n")
+    summary = run_score(ScoreConfig(model=str(model_dir), input=(str(path),), output=str(tmp_path / "out"),
+                                    images=str(corpus.images), batch_size=64, workers=1))
+    df = _read(tmp_path / "out").sort_values("row_id")
+    assert summary["rows"] == len(df) == 4 and summary["scored"] == 2
+    assert summary["errors"] == {"bad_row": 1, "empty_caption": 1}
+    assert "n\ufffdte" in df.columns
+    latin = df[df["image"] == "cap_latin1.jpg"].iloc[0]
+    assert latin["caption"] == "A caf\ufffd with red chairs" and pd.isna(latin["error"]) and 0 < latin["score"] < 1
+    assert df.loc[df["caption"] == "\ufffd\ufffd", "error"].tolist() == ["empty_caption"]
+
+
+def test_utf8_replaced_stream_equals_decoding_the_whole_file_with_replace(tmp_path):
+    """Characters split across reads, bad bytes, and a sequence cut at the end of the file."""
+    from itsim.score_read import Utf8Replaced
+
+    raw = "é".encode() * 5 + b"\xff" + "漢字 \ufffd".encode() + b"\xe9x" + "€".encode()[:2]
+    path = tmp_path / "mixed.csv"
+    path.write_bytes(raw)
+    want = raw.decode("utf-8", errors="replace")
+    for chunk, size in ((1, 1), (2, 3), (7, 5), (1 << 20, 4)):
+        with Utf8Replaced(str(path), chunk=chunk) as stream:
+            got = b"".join(iter(lambda: stream.read(size), b""))
+        assert got == want.encode()
+        assert stream.replaced == want.count("\ufffd") - 1  # the U+FFFD already in the file is not counted
 
 
 # ---- mutated images ----------------------------------------------------------------------------
