@@ -62,6 +62,9 @@ class ScoreConfig:
     batch_size: int = dataclasses.field(default=256, metadata={"help": "rows per model batch"})
     image_col: str = dataclasses.field(default="image", metadata={"help": "image path column of tables"})
     caption_col: str = dataclasses.field(default="caption", metadata={"help": "caption column of tables"})
+    columns: tuple[str, ...] = dataclasses.field(
+        default=(), metadata={"help": "names for the columns of headerless CSV/TSV tables, e.g. image,caption,label "
+                                      "(the first line is then data); empty = the first line is the header"})
     mode: Literal["pairs", "topk"] = dataclasses.field(
         default="pairs", metadata={"help": "score each row, or rank every caption for every image and back"})
     k: int = dataclasses.field(default=5, metadata={"help": "neighbours per image and per caption (topk)"})
@@ -276,7 +279,9 @@ def run_score(cfg: ScoreConfig) -> dict[str, Any]:
     _, vocab, pre = load_model(cfg.model, "cpu")  # validates the model folder before any Ray work
     files = expand_inputs(cfg.input, cfg.split)
     fmt = detect_format(files, cfg.format)
-    columns = None if fmt == "shards" else check_tables(files, fmt, (cfg.image_col, cfg.caption_col))
+    if cfg.columns and fmt == "shards":
+        raise UserError("--columns names the columns of headerless CSV/TSV tables; shards have none")
+    columns = None if fmt == "shards" else check_tables(files, fmt, (cfg.image_col, cfg.caption_col), cfg.columns)
     out = Path(cfg.output).resolve()
     prepare_output(out, cfg.overwrite)
     config.save(cfg, out / "_config.yaml")

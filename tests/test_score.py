@@ -368,9 +368,6 @@ def test_ray_headerless_tsv_with_columns_scores_every_line_including_the_first(d
     np.testing.assert_allclose(df["score"].to_numpy(dtype=np.float64)[ok], scores[ok], atol=1e-5, rtol=0)
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError,
-                   reason="itsim/score_ray.py: ScoreConfig has no `columns` field yet to pass to "
-                          "score_read.check_tables(names=...), so the CLI does not know --columns")
 @pytest.mark.timeout(300)
 def test_cli_columns_scores_a_headerless_tsv(data, tmp_path):
     path = tmp_path / "itm.tsv"
