@@ -4,7 +4,8 @@ The bare loop is the floor for this work on one core: open, convert to RGB, resi
 and re-encode as JPEG, nothing else (no tar, no captions, no vocab, no failure bookkeeping). A
 second bare loop also asks the JPEG decoder to downscale while decoding (`Image.draft`), as
 `itsim.images.load_image` does: the strictest floor, reported for information. itsim is timed
-around the whole `build_shards` call (reading captions, splits, vocab, process pool, manifest).
+around the whole `build_shards` call (reading captions, splits, vocab, process pool, manifest). The
+bare loop also runs split over 2 forked processes, to show how far the machine itself scales.
 """
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ from PIL import Image
 
 import common
 
-SIZES = {"tiny": (24, 32, 1), "quick": (120, 299, 2), "full": (400, 299, 3)}  # images, image size, repeats
+SIZES = {"tiny": (24, 32, 1), "quick": (160, 299, 2), "full": (1200, 299, 3)}  # images, image size, repeats
 
 
 def bare_loop(paths: list[Path], size: int, quality: int = 95, draft: bool = False) -> int:
@@ -30,6 +31,14 @@ def bare_loop(paths: list[Path], size: int, quality: int = 95, draft: bool = Fal
         buf = io.BytesIO()
         out.save(buf, format="JPEG", quality=quality)
     return len(paths)
+
+
+def bare_loop_processes(paths: list[Path], size: int, processes: int) -> int:
+    """The bare loop split over `processes` forked processes: what this machine's cores scale to."""
+    import multiprocessing
+
+    with multiprocessing.get_context("fork").Pool(processes) as pool:
+        return sum(pool.starmap(bare_loop, [(paths[i::processes], size) for i in range(processes)]))
 
 
 def itsim_build(data: Path, out: Path, size: int, workers: int, shard_size: int) -> int:
@@ -56,6 +65,7 @@ def main(argv: list[str] | None = None) -> int:
     cases = {
         "bare PIL loop": lambda: bare_loop(paths, size),
         "bare PIL loop + draft": lambda: bare_loop(paths, size, draft=True),
+        "bare PIL loop, 2 processes": lambda: bare_loop_processes(paths, size, 2),
         "itsim build-shards 1 worker": lambda: itsim_build(data, work / "w1", size, 1, shard_size),
         "itsim build-shards 2 workers": lambda: itsim_build(data, work / "w2", size, 2, shard_size),
     }
@@ -78,6 +88,8 @@ def main(argv: list[str] | None = None) -> int:
     rec.ratio("2 workers vs 1 worker", two, one, target=1.8)
     rec.ratio("1 worker vs bare loop + draft (per worker)", one, r["bare PIL loop + draft"],
               note="strictest floor: the bare loop with the same JPEG draft decoding itsim uses")
+    rec.ratio("bare loop: 2 processes vs 1", r["bare PIL loop, 2 processes"], bare,
+              note="how far this machine's two cores scale the floor itself")
     return common.finish(rec)
 
 

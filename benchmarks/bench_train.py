@@ -1,10 +1,11 @@
 """Training step throughput: itsim's trainer against a reference-style step in the same PyTorch.
 
 itsim: `itsim train` as users run it (a subprocess: Accelerate, the shard loader with 2 workers, fp32
-on CPU), for a fixed number of steps; `RUN/metrics.jsonl` gives images/s, pairs/s and the data-wait
+on CPU, `--threads` set to the reference-style step's compute threads), for a fixed number of steps; `RUN/metrics.jsonl` gives images/s, pairs/s and the data-wait
 fraction per logging window. The first window (worker start, first batches) is the warm-up; each
 later window is one repeat. Two pair modes: in-batch (each image against its own caption and k=7
-others, captions packed) and balanced (the reference's pairing, captions packed).
+others, captions packed) and balanced (the reference's pairing, captions packed). At the small size
+also: in-batch with the trainer's default threads, and in-batch with k=15.
 
 Reference-style step (in this process, same model sizes, same image size, fp32): balanced pairs,
 one CNN pass per pair, the caption LSTM run over all 100 padded positions (no packing), the same
@@ -48,15 +49,18 @@ def model_flags(tiny: bool) -> list[str]:
     return flags
 
 
-def itsim_train(shards: Path, out: Path, pairs: str, steps_per_window: int, windows: int,
-                tiny: bool) -> list[dict[str, Any]]:
-    """Run `itsim train` for (1 + windows) logging windows; returns the windows after the warm-up."""
+def itsim_train(shards: Path, out: Path, pairs: str, steps_per_window: int, windows: int, tiny: bool,
+                threads: int = 0, k: int = 7) -> list[dict[str, Any]]:
+    """Run `itsim train` for (1 + windows) logging windows; returns the windows after the warm-up.
+
+    `threads`: the trainer's `--threads` (0 = its default, the cores left after the loader workers).
+    """
     steps = steps_per_window * (1 + windows)
     cmd = [sys.executable, "-m", "itsim.cli", "train", "--shards", str(shards), "--out", str(out),
-           "--steps", str(steps), "--batch-size", str(BATCH), "--pairs", pairs, "--negatives-k", "7",
+           "--steps", str(steps), "--batch-size", str(BATCH), "--pairs", pairs, "--negatives-k", str(k),
            "--log-every", str(steps_per_window), "--warmup-steps", "1", "--eval-every", "0", "--val-split", "none",
            "--checkpoint-every", str(10 * steps), "--keep", "1", "--workers", "2", "--mixed-precision", "no",
-           "--no-tensorboard", *model_flags(tiny)]
+           "--no-tensorboard", "--threads", str(threads), *model_flags(tiny)]
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     done = subprocess.run(cmd, env=env, cwd=common.ROOT, capture_output=True, text=True)
     if done.returncode != 0:
@@ -115,6 +119,8 @@ def reference_style(shards: Path, steps_per_window: int, windows: int, tiny: boo
 
 
 def main(argv: list[str] | None = None) -> int:
+    import torch
+
     args = common.parser(__doc__.splitlines()[0]).parse_args(argv)
     common.setup_logging()
     mode = common.mode_of(args)
@@ -123,16 +129,18 @@ def main(argv: list[str] | None = None) -> int:
     rec.machine()
     data = common.synth_data(args.cache, n_images, *((96, 160) if mode == "tiny" else (320, 640)))
     work = Path(tempfile.mkdtemp(prefix="bench-train-", dir=args.cache))
+    threads = torch.get_num_threads()  # the reference-style step's compute threads; itsim gets as many
     try:
         for size, per_window, windows in configs:
             windows = args.repeats or windows
             shards = common.shards_for(args.cache, data, size, shard_size=max(4, n_images // 16))
             params = {"image_size": size, "batch": BATCH, "steps_per_repeat": per_window, "fp32": True,
-                      "model": "tiny" if tiny else "reference sizes", "train_images": n_images}
+                      "model": "tiny" if tiny else "reference sizes", "train_images": n_images,
+                      "compute_threads": threads, "loader_workers": 2}
             common.log.info("%d px: itsim in-batch", size)
-            inb = itsim_train(shards, work / f"inb{size}", "in-batch", per_window, windows, tiny)
+            inb = itsim_train(shards, work / f"inb{size}", "in-batch", per_window, windows, tiny, threads)
             common.log.info("%d px: itsim balanced", size)
-            bal = itsim_train(shards, work / f"bal{size}", "balanced", per_window, windows, tiny)
+            bal = itsim_train(shards, work / f"bal{size}", "balanced", per_window, windows, tiny, threads)
             common.log.info("%d px: reference-style step", size)
             ref = reference_style(shards, per_window, windows, tiny)
             tag = f"{size} px"
@@ -153,6 +161,20 @@ def main(argv: list[str] | None = None) -> int:
                 rec.ratio(f"balanced vs the reference's Keras stack, {tag}", r_bal, keras, target=1.0,
                           note=f"Keras/TensorFlow measured on this machine: {keras} pairs/s (from the issue)")
                 rec.ratio(f"reference-style PyTorch vs the reference's Keras stack, {tag}", r_ref, keras)
+            if not tiny and size == configs[-1][0]:  # smallest size: the trainer's own thread default
+                common.log.info("%d px: itsim in-batch with the default --threads", size)
+                dflt = itsim_train(shards, work / f"dflt{size}", "in-batch", per_window, windows, tiny, 0)
+                r_dflt = rec.measure(f"itsim in-batch k=7, default --threads, {tag}", "pairs/s", "pairs/s",
+                                     [w["pairs_per_s"] for w in dflt], **{**params, "compute_threads": "default"})
+                rec.ratio(f"default --threads vs --threads {threads}, {tag}", r_dflt, r_inb,
+                          note="default: the cores left after the 2 loader workers, i.e. 1 thread on 2 cores")
+            if not tiny and size == configs[0][0]:  # largest size, where the CNN dominates: more pairs per image
+                common.log.info("%d px: itsim in-batch k=15", size)
+                k15 = itsim_train(shards, work / f"k15{size}", "in-batch", per_window, windows, tiny, threads, k=15)
+                r_k15 = rec.measure(f"itsim in-batch k=15, {tag}", "pairs/s", "pairs/s",
+                                    [w["pairs_per_s"] for w in k15], **params)
+                rec.ratio(f"in-batch k=15 vs reference-style, {tag}", r_k15, r_ref, target=10.0,
+                          note="16 pairs per image instead of 8")
     finally:
         shutil.rmtree(work, ignore_errors=True)
     return common.finish(rec)
