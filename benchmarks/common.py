@@ -137,11 +137,12 @@ class Recorder:
     mode: str
     out: Path
     run_id: str = field(default_factory=lambda: uuid.uuid4().hex[:8])
+    invocation: str = field(default_factory=lambda: uuid.uuid4().hex[:8])  # this process's lines of the run
     records: list[dict[str, Any]] = field(default_factory=list)
     load_start: float = field(default_factory=load_average)
 
     def _write(self, record: dict[str, Any]) -> dict[str, Any]:
-        base = {"bench": self.bench, "run_id": self.run_id, "mode": self.mode,
+        base = {"bench": self.bench, "run_id": self.run_id, "invocation": self.invocation, "mode": self.mode,
                 "time": datetime.datetime.now().isoformat(timespec="seconds"),
                 "load_1m": load_average(), "load_1m_at_start": self.load_start, "cores": usable_cores()}
         record = {**base, **record}

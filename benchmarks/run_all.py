@@ -5,7 +5,9 @@ ratio plot into results.png.
 too when a CUDA device is present. On a shared machine `--max-load` waits (up to `--wait`
 seconds) before each benchmark for the 1-minute load average to drop; the load is recorded either way.
 Only a full run rewrites RESULTS.md and results.png by default; `--results-md`/`--plot` choose
-other paths (a quick or tiny run writes them only when asked).
+other paths (a quick or tiny run writes them only when asked). A benchmark disturbed by a busy
+neighbour can be run again into the same run: `--only train --run-id ID` replaces that benchmark's
+lines of run ID in the results (its lines keep their own times and load averages).
 """
 from __future__ import annotations
 
@@ -27,6 +29,7 @@ BEGIN, END = "<!-- run_all:begin -->", "<!-- run_all:end -->"
 
 
 def read_run(path: Path, run_id: str) -> list[dict[str, Any]]:
+    """The lines of one run; a benchmark run again under the same run id replaces its earlier lines."""
     if not path.is_file():
         return []
     records = []
@@ -37,27 +40,43 @@ def read_run(path: Path, run_id: str) -> list[dict[str, Any]]:
             continue
         if record.get("run_id") == run_id:
             records.append(record)
-    return records
+    latest = {r["bench"]: r.get("invocation") for r in records}
+    return [r for r in records if r.get("invocation") == latest[r["bench"]]]
 
 
-def results_section(records: list[dict[str, Any]], mode: str, seconds: float) -> str:
+def ordered(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Benchmarks in run order (a re-run one moves back to its place); file order within each."""
+    order = {b: i for i, b in enumerate(SCRIPTS)}
+    return sorted(records, key=lambda r: order.get(r["bench"], len(order)))
+
+
+def results_section(records: list[dict[str, Any]], mode: str, seconds: float, rerun: str | None = None) -> str:
+    records = ordered(records)
     machines = [r for r in records if r["kind"] == "machine"]
     info = machines[0] if machines else common.machine_info()
     versions = ", ".join(f"{k} {v}" for k, v in info["versions"].items() if v)
-    loads = {}
+    loads: dict[str, list[float]] = {}
     for r in records:
         if r["kind"] != "machine":
-            loads.setdefault(r["bench"], []).append(r["load_1m"])
-    load_text = "; ".join(f"{b} {min(v):.2f}-{max(v):.2f}" for b, v in loads.items())
+            loads.setdefault(r["bench"], [r["load_1m_at_start"]]).append(r["load_1m"])
+    load_text = "; ".join(f"{b} {v[0]:.2f} / {min(v[1:]):.2f}-{max(v[1:]):.2f}" for b, v in loads.items())
     targets = [r for r in records if r.get("target") is not None]
     met = sum(1 for r in targets if r["met"])
+    spans = {}
+    for r in records:
+        spans.setdefault(r["bench"], []).append(r["time"])
+    span_text = "; ".join(f"{b} {min(t)[:16].replace('T', ' ')}" for b, t in spans.items())
+    what = ("rebuilt from the JSON lines" if rerun == "nothing (report only)" else
+            f"re-ran {rerun} in {seconds / 60:.1f} min" if rerun else f"{seconds / 60:.1f} min")
     lines = [
-        f"Run `{records[0]['run_id'] if records else '-'}` ({mode}), {time.strftime('%Y-%m-%d %H:%M %Z')}, "
-        f"{seconds / 60:.1f} min.",
+        f"Run `{records[0]['run_id'] if records else '-'}` ({mode}), written {time.strftime('%Y-%m-%d %H:%M %Z')} "
+        f"({what}).",
         "",
+        f"- Started at (local time): {span_text}",
         f"- CPU: {info['cpu']}, {info['cores']} usable cores ({info['platform']})",
         f"- Versions: {versions}",
-        f"- 1-minute load average while measuring (min-max per benchmark): {load_text}",
+        f"- 1-minute load average per benchmark, at its start / when its lines were written (a benchmark "
+        f"busy on both cores adds up to 2 itself): {load_text}",
         "",
         f"### Targets: {met} of {len(targets)} met",
         "",
@@ -89,7 +108,7 @@ def plot(records: list[dict[str, Any]], path: Path) -> bool:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rows = [r for r in records if r.get("target") is not None]
+    rows = [r for r in ordered(records) if r.get("target") is not None]
     if not rows:
         return False
     fig, ax = plt.subplots(figsize=(10, 0.5 * len(rows) + 1.5))
@@ -100,10 +119,11 @@ def plot(records: list[dict[str, Any]], path: Path) -> bool:
     ax.barh(y, [r["value"] for r in rows], xerr=err, color=colours, alpha=0.85, capsize=3)
     for yi, r in zip(y, rows):
         ax.plot([r["target"], r["target"]], [yi - 0.4, yi + 0.4], color="black", linewidth=2)
-        ax.text(r["value"] * 1.05, yi, f"{r['value']:.2g}x", va="center", fontsize=8)
+        ax.text(max(r["max"], r["target"]) * 1.06, yi, f"{r['value']:.3g}x", va="center", fontsize=8)
     ax.set_yticks(y)
     ax.set_yticklabels(labels, fontsize=8)
     ax.set_xscale("log")
+    ax.set_xlim(right=max(max(r["max"], r["target"]) for r in rows) * 1.6)
     ax.set_xlabel("ratio itsim / baseline (log scale); black line: target; green met, red missed")
     ax.set_title("itsim throughput against its baselines (same machine, same run)")
     fig.tight_layout()
@@ -119,6 +139,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--wait", type=float, default=0.0, help="seconds to wait at most for that load (default: do not wait)")
     p.add_argument("--results-md", type=Path, default=None, help="default: benchmarks/RESULTS.md on a full run")
     p.add_argument("--plot", type=Path, default=None, help="default: benchmarks/results.png on a full run")
+    p.add_argument("--report-only", action="store_true",
+                   help="run nothing: rebuild the table and plot of --run-id from --out")
     args = p.parse_args(argv)
     common.setup_logging()
     mode = common.mode_of(args)
@@ -132,6 +154,10 @@ def main(argv: list[str] | None = None) -> int:
         import torch
 
         benches = list(BENCHES) + (["gpu"] if torch.cuda.is_available() else [])
+    if args.report_only:
+        if not args.run_id:
+            p.error("--report-only needs --run-id")
+        benches = []
     flags = ["--tiny"] if mode == "tiny" else ["--quick"] if mode == "quick" else []
     if args.repeats:
         flags += ["--repeats", str(args.repeats)]
@@ -149,10 +175,16 @@ def main(argv: list[str] | None = None) -> int:
             common.log.error("%s failed with exit code %d", bench, done.returncode)
     seconds = time.perf_counter() - start
     records = read_run(args.out, run_id)
-    section = results_section(records, mode, seconds)
+    if not records:
+        common.log.error("no lines of run %s in %s", run_id, args.out)
+        return 1
+    rerun = "nothing (report only)" if args.report_only else args.only if args.run_id else None
+    section = results_section(records, records[0]["mode"], seconds, rerun=rerun)
     print("\n" + section)
-    results_md = args.results_md or (common.BENCH_DIR / "RESULTS.md" if mode == "full" and not args.only else None)
-    plot_path = args.plot or (common.BENCH_DIR / "results.png" if mode == "full" and not args.only else None)
+    # A full run, or benchmarks re-run into an earlier full run (--only with its --run-id), updates the results.
+    whole = (mode == "full" and (not args.only or bool(args.run_id))) or args.report_only
+    results_md = args.results_md or (common.BENCH_DIR / "RESULTS.md" if whole else None)
+    plot_path = args.plot or (common.BENCH_DIR / "results.png" if whole else None)
     if results_md:
         write_results_md(results_md, section)
         common.log.info("wrote %s", results_md)

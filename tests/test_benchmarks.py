@@ -129,3 +129,16 @@ def test_gpu_benchmark_runs_on_cpu_at_tiny_size(tmp_path):
     assert flops["value"] > 1e5  # the tiny model's forward + backward at 32 px
     mfu = next(r for r in records if r["metric"] == "MFU")
     assert mfu["params"]["flops_per_image"] == flops["value"] and mfu["params"]["matmul_peak_flops"] > 0
+
+
+@pytest.mark.timeout(120)
+def test_breakdown_splits_each_stage_into_positive_parts(tmp_path):
+    out = tmp_path / "breakdown.jsonl"
+    cmd = [sys.executable, str(BENCH / "breakdown.py"), "--tiny", "--out", str(out), "--cache", str(tmp_path / "c")]
+    done = subprocess.run(cmd, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=110)
+    assert done.returncode == 0, done.stderr[-4000:]
+    records = [r for r in _lines(out) if r["kind"] != "machine"]
+    for r in records:
+        _check_record(r)
+    prefixes = {r["case"].split(":")[0] for r in records}
+    assert prefixes == {"shards", "loader", "train step part", "score"}
