@@ -22,7 +22,6 @@ import dataclasses
 import math
 import resource
 import time
-from itertools import islice
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -235,7 +234,9 @@ def run_variant(variant: str, shards: Path, vocab_size: int, args: Any, setup: S
     rec.measure(variant, "data wait", "fraction", waits, **params)
     rec.measure(variant, "MFU", "fraction", [flops * v / peak for v in img_rates], flops_per_image=flops,
                 matmul_peak_flops=peak, **params)
-    rec.info(variant, "peak memory", "MiB", peak_memory_mib(setup.device), **params)
+    rec.info(variant, "peak memory", "MiB", peak_memory_mib(setup.device), **params,
+             includes=("the resident dataset" if "resident" in parts else "no dataset") if setup.device.type == "cuda"
+             else "process-wide peak RSS")
     common.log.info("%s: %.1f images/s", variant, r_img["value"])
     if "loader" in parts:
         del batches  # ends the DataLoader workers
@@ -287,9 +288,13 @@ def main(argv: list[str] | None = None) -> int:
     rec.info("model", "training FLOPs per image", "FLOP", flops, image_size=args.image_size, pairs=args.pairs,
              counted_on="cpu, fp32, torch.utils.flop_counter")
     resident_cache: dict = {}
-    for variant in variants:
+    for i, variant in enumerate(v.strip() for v in variants):
+        if not any("resident" in v for v in variants[i:]) and resident_cache:
+            resident_cache.clear()  # free the device copy: later variants' peak memory must not include it
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
         common.log.info("variant %s", variant)
-        run_variant(variant.strip(), shards, vocab_size, args, setup, cfg, flops, peak, rec, resident_cache)
+        run_variant(variant, shards, vocab_size, args, setup, cfg, flops, peak, rec, resident_cache)
     return common.finish(rec)
 
 
