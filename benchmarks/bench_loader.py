@@ -1,8 +1,9 @@
 """Loader throughput: training-ready pairs/s from shards against a reference-style per-pair generator.
 
 itsim: `make_loader` over the train shards (decoded uint8 image batches plus token ids), each batch
-turned into balanced pairs by `balanced_pairs` (one pair per image, what the reference trains on;
-and in-batch: 1 + k pairs per image from the same batch, as the in-batch trainer forms them). Run in
+turned into pairs as `itsim train` forms them: balanced, one pair per caption (every image-caption
+pair, what the reference's epoch covers, from one decode per image; also with one caption per
+image), and in-batch: each caption with its image plus k = 7 other images' captions per image. Run in
 the main process (workers=0: one core, as the generator) and with 2 DataLoader workers (how
 `itsim train` runs).
 
@@ -50,31 +51,25 @@ def reference_generator(data: Path, size: int, vocab, batch: int = BATCH, seed: 
             yield np.stack(pix), ids, np.array(labels, dtype=np.float32)
 
 
-def itsim_pairs(shards: Path, workers: int, pairs: str = "balanced", k: int = 7, seed: int = 0) -> Iterator[int]:
-    """Training-ready pairs per batch, from the project's loader and pair builders.
-
-    balanced: one pair per image (`balanced_pairs`). in-batch: each image with its own caption and k
-    others from the batch (`pick_captions` + `in_batch_negatives`), as `itsim train --pairs in-batch`.
-    """
-    import torch
-
+def itsim_pairs(shards: Path, workers: int, pairs: str = "balanced", k: int = 7, per_image: int = 0,
+                seed: int = 0) -> Iterator[int]:
+    """Training-ready pairs per batch, from the project's loader and pair builders, as `itsim train`
+    forms them: `step_captions` (every caption of each image, or `per_image` random ones), then
+    `balanced_pairs` (one pair per caption) or `in_batch_pairs` (each caption with its image, plus k
+    other images' captions per image)."""
     from itsim.data.loader import StreamSpec, batches_per_epoch, make_loader, read_manifest, split_shards
-    from itsim.data.pairs import balanced_pairs, in_batch_negatives, pick_captions, step_generator
+    from itsim.data.pairs import balanced_pairs, in_batch_pairs, step_captions, step_generator
 
     n_train = read_manifest(shards)["splits"]["train"]["images"]
     spec = StreamSpec(shards=split_shards(shards, "train"), batch_size=BATCH, seed=seed, shuffle_buffer=256,
                       batches_per_epoch=batches_per_epoch(n_train, BATCH, 1, workers))
     for step, batch in enumerate(make_loader(spec, workers=workers)):
         gen = step_generator(seed, step, 0)
-        b = batch["images"].shape[0]
+        caps = step_captions(batch, per_image, gen)
         if pairs == "balanced":
-            _, _, labels = balanced_pairs(batch, gen)
-            yield int(labels.shape[0])
+            yield len(balanced_pairs(caps, batch["key_ids"], gen))
         else:
-            own = pick_captions(batch["n_captions"], gen)
-            ids = batch["ids"][torch.arange(b), own]
-            neg = in_batch_negatives(torch.zeros(b, b), batch["key_ids"], k, "random", gen)
-            yield int(ids.shape[0] + neg.numel())
+            yield len(in_batch_pairs(caps, batch["key_ids"], k, "random", gen))
 
 
 def rate(stream: Iterator[int], n_batches: int) -> float:
@@ -106,6 +101,7 @@ def main(argv: list[str] | None = None) -> int:
         "reference generator (1 core)": (g[0].shape[0] for g in reference_generator(data, size, vocab)),
         "itsim loader, workers=0 (1 core)": itsim_pairs(shards, 0),
         "itsim loader, workers=2": itsim_pairs(shards, 2),
+        "itsim loader, 1 caption per image, workers=0 (1 core)": itsim_pairs(shards, 0, per_image=1),
         "itsim loader in-batch k=7, workers=0 (1 core)": itsim_pairs(shards, 0, "in-batch"),
         "itsim loader in-batch k=7, workers=2": itsim_pairs(shards, 2, "in-batch"),
     }
@@ -124,11 +120,14 @@ def main(argv: list[str] | None = None) -> int:
     r = {name: rec.measure(name, "pairs/s", "pairs/s", vals, **params) for name, vals in rates.items()}
     ref = r["reference generator (1 core)"]
     rec.ratio("balanced pairs, 1 core vs 1 core", r["itsim loader, workers=0 (1 core)"], ref, target=5.0,
-              note="one pair per decoded image on both sides: JPEG decoding per core")
+              note="every image-caption pair, balanced: the generator decodes a JPEG per pair, itsim one per image")
     rec.ratio("balanced pairs, 2 workers vs 1 core", r["itsim loader, workers=2"], ref,
               note="2 cores against 1: how each feeds its trainer by default")
+    rec.ratio("balanced pairs, 1 caption per image, 1 core vs 1 core",
+              r["itsim loader, 1 caption per image, workers=0 (1 core)"], ref,
+              note="--captions-per-image 1: one decoded JPEG per pair on both sides")
     rec.ratio("in-batch pairs, 1 core vs 1 core", r["itsim loader in-batch k=7, workers=0 (1 core)"], ref,
-              target=5.0, note="1 + k pairs per decoded image (the in-batch trainer)")
+              target=5.0, note="captions + k pairs per decoded image (the in-batch trainer)")
     rec.ratio("in-batch pairs, 2 workers vs 1 core", r["itsim loader in-batch k=7, workers=2"], ref)
     rec.ratio("balanced pairs, 1 core vs the reference's own generator (130 pairs/s)",
               r["itsim loader, workers=0 (1 core)"], 130.0,

@@ -10,7 +10,7 @@ batches gathered there; `--resident-images` tiles the decoded images up to a dat
 Flickr30k at 299 px is 31,783 images, about 8.5 GB) or `loader` (the project's shard loader with
 `--loader-workers` processes, pinned memory), `cl` (channels_last) and `compile` (`torch.compile` of
 the image encoder and head, as `itsim train --compile`). The step is the trainer's: `images_to_float`,
-`_step_pairs` and `_in_batch_loss` (or the balanced BCE) from `itsim.train`, AdamW, clipping, and a
+`itsim.objective.step_loss` (the trainer's own step), AdamW, clipping, and a
 `loss.item()` per step as the trainer logs it.
 
 `--device cpu --tiny` runs the whole script at a tiny size on a CPU (a test; numbers mean nothing).
@@ -103,25 +103,17 @@ def train_step(model: Any, optimizer: Any, batch: dict, cfg: Any, step: int, set
                channels_last: bool) -> tuple[int, int]:
     """One optimiser step as `itsim.train` takes it; returns (images, pairs)."""
     import torch
-    import torch.nn.functional as F
 
     from itsim.data.pairs import step_generator
     from itsim.model import images_to_float
-    from itsim.train import _in_batch_loss, _step_pairs
+    from itsim.objective import step_loss
 
     gen = step_generator(0, step, 0)
     autocast = torch.autocast(setup.device.type, dtype=setup.dtype) if setup.dtype != torch.float32 \
         else contextlib.nullcontext()
     with autocast:
         images = images_to_float(batch["images"].to(setup.device, non_blocking=True), channels_last)
-        ids, lengths, _, _, labels, _, _ = _step_pairs(batch, cfg, gen, setup.device)
-        ids, lengths = ids.to(setup.device, non_blocking=True), lengths.to(setup.device, non_blocking=True)
-        if cfg.pairs == "balanced":
-            logits = model(images, ids, lengths).float()
-            loss = F.binary_cross_entropy_with_logits(logits, labels.to(setup.device))
-            n_pairs = labels.shape[0]
-        else:
-            loss, _, n_pairs = _in_batch_loss(model, images, ids, lengths, batch["key_ids"], cfg, gen, 0.0)
+        loss, _, n_pairs = step_loss(model, images, batch, cfg, gen)
     loss.backward()
     torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
     optimizer.step()

@@ -30,6 +30,7 @@ class DemoConfig:
     batch_size: int = 32
     pairs: str = field(default="in-batch", metadata={"help": "balanced | in-batch"})
     negatives_k: int = 7
+    captions_per_image: int = field(default=0, metadata={"help": "captions per image per step (0 = all)"})
     fusion: str = field(default="concat_product", metadata={"help": "head input: concat | concat_product"})
     lr: float = 2e-3
     workers: int = field(default=0, metadata={"help": "processes for synth/shards; 0 = all CPUs"})
@@ -73,6 +74,7 @@ def run(cfg: DemoConfig) -> dict[str, Any]:
     train_cfg = TrainConfig(
         shards=str(shard_dir), out=str(run_dir), steps=cfg.steps, batch_size=cfg.batch_size, lr=cfg.lr,
         warmup_steps=min(50, cfg.steps // 10), pairs=cfg.pairs, negatives_k=cfg.negatives_k,
+        captions_per_image=cfg.captions_per_image,
         checkpoint_every=max(1, cfg.steps // 2), eval_every=max(1, cfg.steps // 4), workers=cfg.loader_workers,
         resume="auto", seed=cfg.seed, channels=(32, 64, 96, 128), embed_dim=64, lstm_hidden=64, text_dim=128,
         image_dim=256, head_dim=128, lstm_layers=2, cnn_dropout=0.1, lstm_dropout=0.1, head_dropout=0.1,

@@ -21,14 +21,14 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
-import torch.nn.functional as F
 
 from itsim import checkpoint, config
 from itsim.augment import augment, parse_ops
 from itsim.data.loader import StreamSpec, batches_per_epoch, make_loader, read_manifest, split_shards
-from itsim.data.pairs import balanced_pairs, in_batch_negatives, pick_captions, step_generator
+from itsim.data.pairs import step_generator
 from itsim.errors import UserError
 from itsim.model import ItsimModel, ModelConfig, Preprocess, count_parameters, images_to_float, save_model
+from itsim.objective import step_loss
 from itsim.text import Vocab
 from itsim.validate import ValidationSet
 
@@ -53,6 +53,8 @@ class TrainConfig:
     pairs: Literal["balanced", "in-batch"] = field(default="balanced", metadata={"help": "how to form true/false pairs"})
     negatives: Literal["random", "hard"] = field(default="random", metadata={"help": "in-batch negatives"})
     negatives_k: int = field(default=7, metadata={"help": "negative captions per image (in-batch)"})
+    captions_per_image: int = field(default=0, metadata={
+        "help": "captions per image per step: 0 = all of them (every image-caption pair, one CNN pass), N = N random"})
     label_smoothing: float = 0.0
     augment: str = field(default="", metadata={"help": "comma list of crop,flip ('' = none)"})
     checkpoint_every: int = 250
@@ -167,53 +169,15 @@ def _make_accelerator(cfg: TrainConfig):
     return accelerator, trackers
 
 
-def _step_pairs(batch: dict[str, Any], cfg: TrainConfig, gen: torch.Generator, device: torch.device):
-    """(caption ids, lengths, image_index, text_index, labels, weights) for one batch."""
-    b = batch["n_captions"].shape[0]
-    if cfg.pairs == "balanced":
-        ids, lengths, labels = balanced_pairs(batch, gen)
-        index = torch.arange(b)
-        weights = torch.full((b,), 1.0 / b)
-        return ids, lengths, index, index, labels, weights, None
-    own = pick_captions(batch["n_captions"], gen)
-    ids = batch["ids"][torch.arange(b), own]
-    lengths = batch["lengths"][torch.arange(b), own]
-    return ids, lengths, None, None, None, None, own
-
-
-def _in_batch_loss(model, images, ids, lengths, key_ids, cfg, gen, smoothing):
-    """Each image against its own caption and k others; positives and negatives weigh half each."""
-    b = images.shape[0]
-    k = max(1, min(cfg.negatives_k, b - 1))
-    device = images.device
-    if cfg.negatives == "hard":
-        # Score every image x caption once, then keep the highest-scoring wrong captions (VSE++).
-        img_index = torch.arange(b, device=device).repeat_interleave(b)
-        txt_index = torch.arange(b, device=device).repeat(b)
-        all_logits = model(images, ids, lengths, img_index, txt_index).view(b, b).float()
-        neg = in_batch_negatives(all_logits.detach().cpu(), key_ids, k, "hard", gen).to(device)
-        pos_logits = all_logits.diagonal()
-        neg_logits = all_logits.gather(1, neg)
-    else:
-        neg = in_batch_negatives(torch.zeros(b, b), key_ids, k, "random", gen).to(device)
-        img_index = torch.cat([torch.arange(b, device=device), torch.arange(b, device=device).repeat_interleave(k)])
-        txt_index = torch.cat([torch.arange(b, device=device), neg.reshape(-1)])
-        logits = model(images, ids, lengths, img_index, txt_index).float()
-        pos_logits, neg_logits = logits[:b], logits[b:].view(b, k)
-    pos_t = torch.full_like(pos_logits, 1.0 - smoothing)
-    neg_t = torch.full_like(neg_logits, smoothing)
-    loss = 0.5 * F.binary_cross_entropy_with_logits(pos_logits, pos_t) + \
-        0.5 * F.binary_cross_entropy_with_logits(neg_logits, neg_t)
-    correct = (pos_logits > 0).float().sum() + (neg_logits < 0).float().sum()
-    return loss, correct, b * (1 + k)
-
-
 def train(cfg: TrainConfig) -> dict[str, Any]:
     """Train, checkpoint, validate, export `RUN/model/`; returns the final summary."""
     from accelerate.utils import set_seed
 
     if not cfg.shards:
         raise UserError("--shards is required")
+    if cfg.negatives_k < 1 or cfg.captions_per_image < 0:
+        raise UserError(f"--negatives-k must be >= 1 and --captions-per-image >= 0 "
+                        f"(got {cfg.negatives_k} and {cfg.captions_per_image})")
     manifest = read_manifest(cfg.shards)
     train_shards = split_shards(cfg.shards, "train")
     n_train = int(manifest.get("splits", {}).get("train", {}).get("images", 0))
@@ -325,17 +289,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
             with accelerator.accumulate(model):
                 images = images_to_float(batch["images"].to(device, non_blocking=True), cfg.channels_last)
                 images = augment(images, aug_ops, gen)
-                ids, lengths, img_idx, txt_idx, labels, _, _ = _step_pairs(batch, cfg, gen, device)
-                ids, lengths = ids.to(device, non_blocking=True), lengths.to(device, non_blocking=True)
-                if cfg.pairs == "balanced":
-                    logits = model(images, ids, lengths).float()
-                    target = labels.to(device) * (1 - 2 * cfg.label_smoothing) + cfg.label_smoothing
-                    loss = F.binary_cross_entropy_with_logits(logits, target)
-                    correct = ((logits > 0).float() == labels.to(device)).float().sum()
-                    n_pairs = labels.shape[0]
-                else:
-                    loss, correct, n_pairs = _in_batch_loss(model, images, ids, lengths, batch["key_ids"], cfg, gen,
-                                                            cfg.label_smoothing)
+                loss, correct, n_pairs = step_loss(model, images, batch, cfg, gen)
                 accelerator.backward(loss)
                 if accelerator.sync_gradients and cfg.grad_clip > 0:
                     accelerator.clip_grad_norm_(model.parameters(), cfg.grad_clip)

@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from itsim.data.loader import StreamSpec, batches_per_epoch, make_loader, read_split, split_shards
-from itsim.data.pairs import balanced_pairs, fixed_balanced_pairs, in_batch_negatives, step_generator
+from itsim.data.pairs import (balanced_pairs, fixed_balanced_pairs, in_batch_negatives, in_batch_pairs, step_captions,
+                              step_generator)
 
 
 def _spec(shards_dir, **kw) -> StreamSpec:
@@ -64,37 +65,89 @@ def test_batches_per_epoch_covers_the_images_and_divides_by_workers():
     assert batches_per_epoch(1000, 64, 2, 3) * 64 * 2 >= 1000
 
 
-def test_balanced_pairs_are_about_half_negative_and_never_the_same_image(tiny_shards):
+def _own_captions(batch, i):
+    return {tuple(batch["ids"][i, c].tolist()) for c in range(int(batch["n_captions"][i]))}
+
+
+def test_step_captions_take_every_caption_by_default_or_n_distinct_ones(tiny_shards):
+    batch = next(iter(make_loader(_spec(tiny_shards), workers=0)))
+    every = step_captions(batch, 0, step_generator(0, 0, 0))
+    assert every.ids.shape[0] == int(batch["n_captions"].sum()) == 16 * 5
+    assert torch.equal(every.image, torch.arange(16).repeat_interleave(5))
+    two = step_captions(batch, 2, step_generator(0, 0, 0))
+    assert torch.equal(two.image, torch.arange(16).repeat_interleave(2))
+    for i in range(16):
+        picked = [tuple(row.tolist()) for row in two.ids[two.image == i]]
+        assert set(picked) <= _own_captions(batch, i) and len(picked) == 2
+
+
+def test_balanced_pairs_cover_every_caption_about_half_negative_never_the_same_image(tiny_shards):
     labels = []
     for step, batch in enumerate(islice(iter(make_loader(_spec(tiny_shards), workers=0)), 30)):
-        ids, lengths, label = balanced_pairs(batch, step_generator(0, step, 0))
-        for i in range(len(label)):
-            own = {tuple(batch["ids"][i, c].tolist()) for c in range(int(batch["n_captions"][i]))}
-            assert (tuple(ids[i].tolist()) in own) == bool(label[i])
-        labels.append(label)
+        gen = step_generator(0, step, 0)
+        caps = step_captions(batch, 0, gen)
+        pairs = balanced_pairs(caps, batch["key_ids"], gen)
+        assert len(pairs) == caps.ids.shape[0] and torch.equal(pairs.image_index, caps.image)
+        assert abs(pairs.weights.sum().item() - 1.0) < 1e-5
+        keys = batch["key_ids"]
+        positive = pairs.labels == 1
+        assert torch.equal(pairs.text_index[positive], torch.arange(len(pairs))[positive])
+        negative_owner = keys[caps.image[pairs.text_index[~positive]]]
+        assert (negative_owner != keys[pairs.image_index[~positive]]).all()
+        labels.append(pairs.labels)
     rate = torch.cat(labels).mean().item()
-    assert 0.42 < rate < 0.58, rate
+    assert 0.46 < rate < 0.54, rate
 
 
 def test_pairs_are_deterministic_for_seed_step_rank(tiny_shards):
     batch = next(iter(make_loader(_spec(tiny_shards), workers=0)))
-    a = balanced_pairs(batch, step_generator(0, 5, 1))
-    b = balanced_pairs(batch, step_generator(0, 5, 1))
-    c = balanced_pairs(batch, step_generator(0, 5, 0))
-    assert all(torch.equal(x, y) for x, y in zip(a, b))
-    assert not torch.equal(a[2], c[2]) or not torch.equal(a[0], c[0])
+
+    def draw(step, rank):
+        gen = step_generator(0, step, rank)
+        return balanced_pairs(step_captions(batch, 2, gen), batch["key_ids"], gen)
+
+    a, b, c = draw(5, 1), draw(5, 1), draw(5, 0)
+    assert torch.equal(a.text_index, b.text_index) and torch.equal(a.labels, b.labels)
+    assert not torch.equal(a.labels, c.labels) or not torch.equal(a.text_index, c.text_index)
 
 
 @pytest.mark.parametrize("mode", ["random", "hard"])
 def test_in_batch_negatives_skip_same_image_captions(mode):
     key_ids = torch.tensor([7, 7, 8, 9, 10])
+    valid = key_ids[:, None] != key_ids[None, :]
     scores = torch.arange(25, dtype=torch.float32).view(5, 5)
-    neg = in_batch_negatives(scores, key_ids, 3, mode, step_generator(0, 0, 0))
-    assert neg.shape == (5, 3)
+    neg, usable = in_batch_negatives(scores, valid, 3, mode, step_generator(0, 0, 0))
+    assert neg.shape == (5, 3) and usable.all()
     for i in range(5):
         assert all(key_ids[j] != key_ids[i] for j in neg[i].tolist())
     if mode == "hard":  # the highest-scoring wrong captions, in order
         assert neg[2].tolist() == [4, 3, 1]
+
+
+def test_in_batch_pairs_positives_are_every_caption_negatives_k_per_image_half_the_weight_each(tiny_shards):
+    batch = next(iter(make_loader(_spec(tiny_shards), workers=0)))
+    gen = step_generator(0, 0, 0)
+    caps = step_captions(batch, 0, gen)
+    pairs = in_batch_pairs(caps, batch["key_ids"], 7, "random", gen)
+    n = caps.ids.shape[0]
+    assert len(pairs) == n + 16 * 7
+    positive = pairs.labels == 1
+    assert int(positive.sum()) == n and torch.equal(pairs.text_index[positive], torch.arange(n))
+    assert abs(pairs.weights[positive].sum().item() - 0.5) < 1e-5
+    assert abs(pairs.weights[~positive].sum().item() - 0.5) < 1e-5
+    keys = batch["key_ids"]
+    assert (keys[pairs.image_index[~positive]] != keys[caps.image[pairs.text_index[~positive]]]).all()
+
+
+def test_a_batch_of_one_image_has_no_usable_negatives_and_keeps_only_positives():
+    batch = {"ids": torch.ones(2, 5, 4, dtype=torch.int32), "lengths": torch.full((2, 5), 4),
+             "n_captions": torch.tensor([5, 3]), "key_ids": torch.tensor([1, 1])}
+    gen = step_generator(0, 0, 0)
+    caps = step_captions(batch, 0, gen)
+    assert caps.ids.shape[0] == 8
+    assert balanced_pairs(caps, batch["key_ids"], gen).labels.eq(1).all()
+    pairs = in_batch_pairs(caps, batch["key_ids"], 3, "random", gen)
+    assert len(pairs) == 8 and pairs.weights[pairs.labels == 0].eq(0).all()
 
 
 def test_fixed_eval_pairs_do_not_depend_on_anything_but_the_set():

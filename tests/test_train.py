@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import signal
 import subprocess
@@ -82,6 +83,30 @@ def test_bf16_mixed_precision_runs_on_cpu(tiny_shards, tmp_path):
                                 mixed_precision="bf16", workers=0, tensorboard=False, channels=(8,), embed_dim=8,
                                 lstm_hidden=8, lstm_layers=3, text_dim=16, image_dim=16, head_dim=8))
     assert summary["step"] == 3 and (tmp_path / "run" / "model" / "model.safetensors").is_file()
+
+
+@pytest.mark.parametrize("pairs,negatives,per_image,pairs_per_image", [
+    ("balanced", "random", 0, 5), ("balanced", "random", 1, 1), ("in-batch", "random", 0, 5 + 3),
+    ("in-batch", "hard", 2, 2 + 3)])
+def test_pairs_per_image_follow_the_pair_mode_and_captions_per_image(tiny_shards, tmp_path, pairs, negatives,
+                                                                     per_image, pairs_per_image):
+    from itsim.train import TrainConfig, train
+
+    train(TrainConfig(shards=str(tiny_shards), out=str(tmp_path / "run"), steps=2, batch_size=8, pairs=pairs,
+                      negatives=negatives, negatives_k=3, captions_per_image=per_image, workers=0, eval_every=0,
+                      log_every=1, val_split="none", tensorboard=False, channels=(8,), embed_dim=8, lstm_hidden=8,
+                      lstm_layers=1, text_dim=16, image_dim=16, head_dim=8))
+    rows = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    rows = [r for r in rows if "loss" in r]
+    assert len(rows) == 2 and all(math.isfinite(r["loss"]) for r in rows)
+    for r in rows:  # tiny shards: 5 captions per image
+        assert r["pairs_per_s"] / r["images_per_s"] == pytest.approx(pairs_per_image, rel=1e-3)
+
+
+def test_bad_negatives_k_or_captions_per_image_is_a_clear_error(tiny_shards, tmp_path):
+    done = subprocess.run(_train_cmd(tiny_shards, tmp_path / "r", "--captions-per-image", "-1"), env=ENV,
+                          capture_output=True, text=True)
+    assert done.returncode == 2 and "--captions-per-image" in done.stderr and "Traceback" not in done.stderr
 
 
 def _wait_for(path: Path, proc: subprocess.Popen, timeout: float = 120) -> None:

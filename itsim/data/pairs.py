@@ -1,16 +1,20 @@
-"""True/false image-caption pairs.
+"""True/false image-caption pairs for one training step.
 
-Two ways to turn a batch of images (each with its captions) into training pairs:
-- balanced (the reference): per image one caption; with probability 0.5 it is replaced by a caption
-  of a different image (label 0). One CNN pass per pair.
-- in-batch: every image is encoded once and scored against its own caption and k captions of other
-  images in the batch, random or hardest (VSE++). Many pairs per CNN pass.
+A step first picks the captions it will encode (`step_captions`): by default every caption of every
+image in the batch, which is what the reference's epoch covers ("for each image-caption pair"), or
+N random ones per image. Each image goes through the CNN once and each caption through the LSTM
+once; the pairs are index pairs into those vectors, so one CNN pass serves many pairs:
+- balanced (the reference): each caption is paired with its own image, and with probability 0.5 its
+  text is replaced by a caption of a different image (label 0);
+- in-batch: each caption is a positive for its image, and each image also meets k captions of other
+  images in the batch, random or hardest (VSE++); positives and negatives weigh half each.
 Every random choice comes from a generator seeded by (seed, step, rank), so a resumed run draws the
 same pairs as an uninterrupted one.
 """
 from __future__ import annotations
 
 import hashlib
+from dataclasses import dataclass, fields
 
 import numpy as np
 import torch
@@ -21,57 +25,100 @@ def step_generator(seed: int, step: int, rank: int, purpose: str = "pairs") -> t
     return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") >> 1)
 
 
+@dataclass
+class StepCaptions:
+    """The captions a step encodes: token ids [N, L], lengths [N], and the batch index of each one's image."""
+
+    ids: torch.Tensor
+    lengths: torch.Tensor
+    image: torch.Tensor
+
+
+@dataclass
+class Pairs:
+    """Pairs p = (image_index[p], text_index[p]) into the step's images and captions, with labels and
+    loss weights (summing to 1, or 0.5 when a batch has no valid negative)."""
+
+    image_index: torch.Tensor
+    text_index: torch.Tensor
+    labels: torch.Tensor
+    weights: torch.Tensor
+
+    def to(self, device: torch.device | str) -> "Pairs":
+        return Pairs(**{f.name: getattr(self, f.name).to(device, non_blocking=True) for f in fields(self)})
+
+    def __len__(self) -> int:
+        return int((self.weights > 0).sum())
+
+
+def step_captions(batch: dict, per_image: int, gen: torch.Generator) -> StepCaptions:
+    """Every caption of every image (per_image <= 0), or `per_image` distinct random ones per image."""
+    n = batch["n_captions"]
+    b, c = batch["ids"].shape[:2]
+    valid = torch.arange(c)[None, :] < n[:, None]
+    if 0 < per_image < c:
+        # The per_image valid slots with the smallest uniform draws: a uniform subset of that image's captions.
+        draw = torch.rand((b, c), generator=gen).masked_fill(~valid, 2.0)
+        chosen = torch.zeros_like(valid)
+        chosen.scatter_(1, draw.argsort(dim=1)[:, :per_image], True)
+        valid &= chosen
+    image, slot = valid.nonzero(as_tuple=True)
+    return StepCaptions(batch["ids"][image, slot], batch["lengths"][image, slot], image)
+
+
 def pick_captions(n_captions: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
     """One caption index per image, uniform over that image's captions."""
     u = torch.rand(n_captions.shape[0], generator=gen)
     return (u * n_captions.float()).long().clamp(max=n_captions - 1)
 
 
-def other_index(key_ids: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
-    """For each image, a random batch index holding a different image (or -1 when none exists)."""
-    b = key_ids.shape[0]
-    different = key_ids[:, None] != key_ids[None, :]
-    weights = different.float() + 1e-12  # avoid an all-zero row; masked below
-    choice = torch.multinomial(weights, 1, generator=gen).squeeze(1)
-    ok = different[torch.arange(b), choice]
-    return torch.where(ok, choice, torch.full_like(choice, -1))
+def balanced_pairs(caps: StepCaptions, key_ids: torch.Tensor, gen: torch.Generator) -> Pairs:
+    """One pair per caption: its own image (label 1) or, with probability 0.5, the text of a caption of
+    another image in the batch (label 0). A batch holding a single image keeps every pair positive."""
+    n = caps.image.shape[0]
+    owner = key_ids[caps.image]
+    different = owner[:, None] != owner[None, :]
+    negative = (torch.rand(n, generator=gen) < 0.5) & different.any(dim=1)
+    other = torch.multinomial(different.float() + 1e-12, 1, generator=gen).squeeze(1)
+    text = torch.where(negative, other, torch.arange(n))
+    return Pairs(caps.image, text, (~negative).float(), torch.full((n,), 1.0 / max(1, n)))
 
 
-def balanced_pairs(batch: dict, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(caption ids [B,L], lengths [B], labels [B]) for the images in batch order."""
-    n = batch["n_captions"]
-    b = n.shape[0]
-    own = pick_captions(n, gen)
-    negative = torch.rand(b, generator=gen) < 0.5
-    other = other_index(batch["key_ids"], gen)
-    negative &= other >= 0
-    src_img = torch.where(negative, other, torch.arange(b))
-    src_cap = torch.where(negative, pick_captions(n[src_img.clamp(min=0)], gen), own)
-    ids = batch["ids"][src_img, src_cap]
-    lengths = batch["lengths"][src_img, src_cap]
-    return ids, lengths, (~negative).float()
+def in_batch_negatives(scores: torch.Tensor, valid: torch.Tensor, k: int, mode: str,
+                       gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """(indices [B, k], usable [B, k]): for each image, k captions among the `valid` ones [B, N].
 
-
-def in_batch_negatives(scores: torch.Tensor, key_ids: torch.Tensor, k: int, mode: str,
-                       gen: torch.Generator) -> torch.Tensor:
-    """Indices [B, k] of captions (batch positions) to pair with each image as negatives.
-
-    `scores` [B, B]: image i against caption j (only read for mode="hard"). Same-image captions are
-    never chosen; when fewer than k others exist, the remaining slots repeat valid ones.
+    mode "hard" takes the highest `scores` (image i against caption j), "random" a uniform draw. When
+    an image has fewer than k valid captions its extra slots are marked unusable.
     """
-    b = key_ids.shape[0]
-    valid = key_ids[:, None] != key_ids[None, :]
-    k = max(1, min(k, b - 1))
+    k = max(1, min(k, valid.shape[1]))
     if mode == "hard":
         ranked = scores.detach().float().masked_fill(~valid, float("-inf"))
     elif mode == "random":
-        ranked = torch.rand((b, b), generator=gen).masked_fill(~valid, float("-inf"))
+        ranked = torch.rand(valid.shape, generator=gen).masked_fill(~valid, float("-inf"))
     else:
         raise ValueError(f"unknown negatives mode {mode!r} (random|hard)")
     top = ranked.topk(k, dim=1)
-    # Rows with fewer than k valid captions: replace -inf picks by the row's best valid pick.
-    fallback = top.indices[:, :1].expand(-1, k)
-    return torch.where(torch.isfinite(top.values), top.indices, fallback)
+    return top.indices, torch.isfinite(top.values)
+
+
+def in_batch_pairs(caps: StepCaptions, key_ids: torch.Tensor, k: int, mode: str, gen: torch.Generator,
+                   scores: torch.Tensor | None = None) -> Pairs:
+    """Every caption with its own image (positives, half the loss) and each image with k captions of
+    other images (negatives, the other half). `scores` [B, N] is needed for mode "hard"."""
+    b, n = key_ids.shape[0], caps.image.shape[0]
+    valid = key_ids[:, None] != key_ids[caps.image][None, :]
+    if mode == "hard" and scores is None:
+        raise ValueError("hard negatives need the step's scores")
+    neg, usable = in_batch_negatives(scores if scores is not None else torch.zeros(0), valid, k, mode, gen)
+    usable = usable.reshape(-1)
+    n_neg = int(usable.sum())
+    pos_w = torch.full((n,), 0.5 / max(1, n))
+    neg_w = torch.where(usable, torch.tensor(0.5 / max(1, n_neg)), torch.tensor(0.0))
+    return Pairs(image_index=torch.cat([caps.image, torch.arange(b).repeat_interleave(neg.shape[1])]),
+                 text_index=torch.cat([torch.arange(n), neg.reshape(-1)]),
+                 labels=torch.cat([torch.ones(n), torch.zeros(neg.numel())]),
+                 weights=torch.cat([pos_w, neg_w]))
 
 
 def fixed_balanced_pairs(caption_image: np.ndarray, seed: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

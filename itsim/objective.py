@@ -1,0 +1,56 @@
+"""One training step's loss: a batch -> the step's captions and pairs -> logits -> weighted BCE.
+
+Kept apart from the training loop so the loop stays a loop, and so the GPU benchmark runs the very
+same step (`benchmarks/gpu.py`).
+"""
+from __future__ import annotations
+
+from typing import Any, Protocol
+
+import torch
+import torch.nn.functional as F
+
+from itsim.data.pairs import balanced_pairs, in_batch_pairs, step_captions
+
+
+class PairsConfig(Protocol):
+    """The fields of `TrainConfig` a step's pairs depend on."""
+
+    pairs: str
+    negatives: str
+    negatives_k: int
+    captions_per_image: int
+    label_smoothing: float
+
+
+def step_loss(model: torch.nn.Module, images: torch.Tensor, batch: dict[str, Any], cfg: PairsConfig,
+              gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """(loss, correctly classified pairs, pairs) for one batch; `images` already on the device.
+
+    The model is called exactly once (DDP needs one forward per backward): hard negatives score every
+    image against every caption and then pick from those logits.
+    """
+    device = images.device
+    caps = step_captions(batch, cfg.captions_per_image, gen)
+    ids, lengths = caps.ids.to(device, non_blocking=True), caps.lengths.to(device, non_blocking=True)
+    key_ids = batch["key_ids"]
+    if cfg.pairs == "balanced":
+        pairs = balanced_pairs(caps, key_ids, gen).to(device)
+        logits = model(images, ids, lengths, pairs.image_index, pairs.text_index)
+    elif cfg.negatives == "hard":
+        b, n = images.shape[0], caps.image.shape[0]
+        every_image = torch.arange(b, device=device).repeat_interleave(n)
+        every_caption = torch.arange(n, device=device).repeat(b)
+        all_logits = model(images, ids, lengths, every_image, every_caption).view(b, n)
+        pairs = in_batch_pairs(caps, key_ids, cfg.negatives_k, "hard", gen,
+                               scores=all_logits.detach().float().cpu()).to(device)
+        logits = all_logits[pairs.image_index, pairs.text_index]
+    else:
+        pairs = in_batch_pairs(caps, key_ids, cfg.negatives_k, cfg.negatives, gen).to(device)
+        logits = model(images, ids, lengths, pairs.image_index, pairs.text_index)
+    logits = logits.float()
+    target = pairs.labels * (1 - 2 * cfg.label_smoothing) + cfg.label_smoothing
+    loss = (pairs.weights * F.binary_cross_entropy_with_logits(logits, target, reduction="none")).sum()
+    counted = pairs.weights > 0
+    correct = (((logits > 0).float() == pairs.labels) & counted).float().sum()
+    return loss, correct, len(pairs)
