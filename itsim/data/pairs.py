@@ -66,12 +66,6 @@ def step_captions(batch: dict, per_image: int, gen: torch.Generator) -> StepCapt
     return StepCaptions(batch["ids"][image, slot], batch["lengths"][image, slot], image)
 
 
-def pick_captions(n_captions: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
-    """One caption index per image, uniform over that image's captions."""
-    u = torch.rand(n_captions.shape[0], generator=gen)
-    return (u * n_captions.float()).long().clamp(max=n_captions - 1)
-
-
 def balanced_pairs(caps: StepCaptions, key_ids: torch.Tensor, gen: torch.Generator) -> Pairs:
     """One pair per caption: its own image (label 1) or, with probability 0.5, the text of a caption of
     another image in the batch (label 0). A batch holding a single image keeps every pair positive."""
