@@ -54,7 +54,7 @@ def itsim_train(shards: Path, out: Path, pairs: str, steps_per_window: int, wind
                 threads: int = 0, k: int = 7, per_image: int = 0) -> list[dict[str, Any]]:
     """Run `itsim train` for (1 + windows) logging windows; returns the windows after the warm-up.
 
-    `threads`: the trainer's `--threads` (0 = its default, the cores left after the loader workers).
+    `threads`: the trainer's `--threads` (0 = its default: every core, OMP_NUM_THREADS removed here).
     """
     steps = steps_per_window * (1 + windows)
     cmd = [sys.executable, "-m", "itsim.cli", "train", "--shards", str(shards), "--out", str(out),
@@ -64,6 +64,8 @@ def itsim_train(shards: Path, out: Path, pairs: str, steps_per_window: int, wind
            "--checkpoint-every", str(10 * steps), "--keep", "1", "--workers", "2", "--mixed-precision", "no",
            "--no-tensorboard", "--threads", str(threads), *model_flags(tiny)]
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    if threads == 0:
+        env.pop("OMP_NUM_THREADS", None)
     done = subprocess.run(cmd, env=env, cwd=common.ROOT, capture_output=True, text=True)
     if done.returncode != 0:
         raise RuntimeError(f"itsim train failed ({done.returncode}):\n{done.stderr[-3000:]}")
@@ -175,7 +177,7 @@ def main(argv: list[str] | None = None) -> int:
                 r_dflt = rec.measure(f"itsim in-batch k=7, default --threads, {tag}", "pairs/s", "pairs/s",
                                      [w["pairs_per_s"] for w in dflt], **{**params, "compute_threads": "default"})
                 rec.ratio(f"default --threads vs --threads {threads}, {tag}", r_dflt, r_inb,
-                          note="default: the cores left after the 2 loader workers, i.e. 1 thread on 2 cores")
+                          note="default: the cores / local ranks (OMP_NUM_THREADS unset), 2 threads here")
             if not tiny and size == configs[0][0]:  # largest size, where the CNN dominates
                 common.log.info("%d px: itsim in-batch, one caption per image", size)
                 one = itsim_train(shards, work / f"one{size}", "in-batch", per_window, windows, tiny, threads,

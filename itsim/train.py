@@ -67,7 +67,7 @@ class TrainConfig:
     seed: int = 0
     workers: int = field(default=2, metadata={"help": "DataLoader worker processes per rank"})
     threads: int = field(default=0, metadata={
-        "help": "CPU compute threads per rank; 0 = the CPUs left after the DataLoader workers"})
+        "help": "CPU compute threads per rank; 0 = OMP_NUM_THREADS if set, else the CPUs / local ranks"})
     shuffle_buffer: int = 1000
     sync_bn: bool = field(default=False, metadata={"help": "SyncBatchNorm across GPUs"})
     compile: bool = field(default=False, metadata={"help": "torch.compile the image encoder and head"})
@@ -365,12 +365,18 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
 
 
 def _cpu_threads(cfg: TrainConfig, local_processes: int) -> int:
-    """Threads that do not oversubscribe the cores: OpenMP threads that share a core with a DataLoader
-    worker or another rank spin-wait each other (measured here: 5-10x slower steps on 2 busy cores)."""
+    """Compute threads per rank: --threads, else OMP_NUM_THREADS (what launchers and users set), else
+    the cores divided among the local ranks. DataLoader workers are not subtracted: they sleep once
+    their prefetch queue is full (data wait under 1% of a step here), and leaving a core to them cost
+    a third of the steps/s on a quiet 2-core machine. On a machine shared with busy neighbours,
+    OpenMP threads spin-wait for a busy core (steps 5-10x slower, measured): use --threads 1 there."""
     if cfg.threads > 0:
         return cfg.threads
+    omp = os.environ.get("OMP_NUM_THREADS", "").strip()
+    if omp.isdigit() and int(omp) > 0:
+        return int(omp)
     cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    return max(1, cpus // max(1, local_processes) - cfg.workers)
+    return max(1, cpus // max(1, local_processes))
 
 
 def _checksum(model: torch.nn.Module) -> str:

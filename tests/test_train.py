@@ -219,3 +219,15 @@ def test_score_matrix_equals_the_head_on_every_pair(fusion):
         expected = torch.stack([model.head(image_vec[i:i + 1].expand(11, -1), text_vec) for i in range(7)])
         got = model.score_matrix(image_vec, text_vec, max_elements=64)  # many small chunks
     assert torch.allclose(got, expected, atol=1e-5)
+
+
+def test_cpu_threads_come_from_the_flag_then_omp_num_threads_then_the_cores_per_rank(monkeypatch):
+    from itsim.train import TrainConfig, _cpu_threads
+
+    cpus = len(os.sched_getaffinity(0))
+    assert _cpu_threads(TrainConfig(threads=3), 1) == 3
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    assert _cpu_threads(TrainConfig(), 1) == 1
+    monkeypatch.delenv("OMP_NUM_THREADS")
+    assert _cpu_threads(TrainConfig(workers=2), 1) == cpus
+    assert _cpu_threads(TrainConfig(), 2) == max(1, cpus // 2)
