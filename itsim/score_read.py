@@ -4,46 +4,35 @@
 expanded input list and `row_index` its row's place in read order: the same inputs always give the
 same ids, and an output row can be traced to its source line. Each read task streams one file (a
 Parquet file: a range of row groups) in blocks, so the driver never holds the data. Rows the reader
-cannot parse (a CSV line with the wrong number of fields, a broken shard sample) become rows with a
-`READ_ERROR` reason, never disappear; a shard whose tar stream ends early (cut, or an invalid header
-in the middle) adds one `bad_shard` row. CSV/TSV bytes that are not UTF-8 are replaced by U+FFFD,
-as `data/captions.py` does, so one bad byte costs one character, not the file. Headerless tables
-are read with names given by `--columns` (`TableColumns(names, header=False)`).
+cannot parse become rows with a `READ_ERROR` reason, never disappear. The readers live beside this
+module: `score_tables` (CSV/TSV/Parquet: column checks, `Utf8Replaced`, headerless `TableColumns`)
+and `score_shards` (itsim shard tars); this module expands the inputs, picks the format and plans
+the read tasks.
 """
 from __future__ import annotations
 
-import codecs
-import csv
 import functools
-import io
 import glob
 import json
-import logging
-import tarfile
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any
 
-import pyarrow as pa
-import pyarrow.csv as pv
 import pyarrow.parquet as pq
 from ray.data import Datasource, ReadTask
 from ray.data.block import BlockMetadata
-from webdataset.tariterators import base_plus_ext
 
-from itsim.data.loader import tar_end_problem
 from itsim.errors import UserError
+from itsim.score_columns import JPG, READ_ERROR, RESERVED, ROW_ID
+from itsim.score_shards import SHARD_SCHEMA, read_shard_blocks
+from itsim.score_tables import (TableColumns, Utf8Replaced, check_tables, read_csv_blocks, read_parquet_blocks,
+                                table_columns)
 
-log = logging.getLogger(__name__)
+__all__ = ["ROW_ID", "JPG", "READ_ERROR", "RESERVED", "SUFFIXES", "SHARD_COLUMNS", "SHARD_SCHEMA",
+           "TableColumns", "Utf8Replaced", "check_tables", "table_columns", "expand_inputs", "detect_format",
+           "ScoreInputs"]
 
-ROW_ID = "row_id"
-JPG = "__jpg"  # encoded image bytes of a shard row (dropped before writing)
-READ_ERROR = "__read_error"  # a reason found while reading (kept as the row's error)
-RESERVED = (ROW_ID, "score", "error")
 SUFFIXES = {".csv": "csv", ".tsv": "tsv", ".tab": "tsv", ".parquet": "parquet", ".pq": "parquet", ".tar": "shards"}
 SHARD_COLUMNS = ("image", "caption", "caption_idx", "split", "key", "shard")
-_CSV_BLOCK = 4 << 20
-_REPLACEMENT = "\ufffd"
 _PARQUET_ROWS_PER_TASK = 1 << 16
 
 
@@ -97,257 +86,6 @@ def detect_format(files: list[Path], fmt: str = "auto") -> str:
     return kinds.pop()
 
 
-# --- tables -------------------------------------------------------------------------------------
-
-def _csv_parse(fmt: str, bad_rows: list[str] | None = None) -> pv.ParseOptions:
-    def handler(row: Any) -> str:
-        if bad_rows is not None:
-            bad_rows.append(row.text)
-        return "skip"
-
-    return pv.ParseOptions(delimiter="\t" if fmt == "tsv" else ",", newlines_in_values=True,
-                           invalid_row_handler=handler)
-
-
-@dataclass(frozen=True)
-class TableColumns:
-    """A table's column names, and whether its first line is a header (False: names from `--columns`)."""
-
-    names: tuple[str, ...]
-    header: bool = True
-
-
-def _first_record(path: Path, fmt: str) -> list[str] | None:
-    """The first CSV/TSV record, decoded as the reader decodes the file (BOM dropped, bad bytes replaced)."""
-    with open(path, newline="", encoding="utf-8-sig", errors="replace") as fh:
-        return next(csv.reader(fh, delimiter="\t" if fmt == "tsv" else ","), None)
-
-
-def table_columns(path: Path, fmt: str) -> list[str]:
-    """Column names of a table, read from its header or Parquet footer only."""
-    try:
-        if fmt == "parquet":
-            return list(pq.read_schema(path).names)
-        names = _first_record(path, fmt)
-    except (pa.ArrowException, OSError, csv.Error) as exc:
-        raise UserError(f"{path}: cannot read as {fmt} ({exc})") from None
-    if not names:
-        raise UserError(f"{path}: empty file (no header line)")
-    return names
-
-
-def _given_columns(path: Path, fmt: str, names: tuple[str, ...]) -> None:
-    """A headerless table must have as many fields as `--columns` names, or every row would be a bad_row."""
-    if fmt not in ("csv", "tsv"):
-        raise UserError(f"{path}: --columns names the columns of headerless CSV/TSV tables, not {fmt} files")
-    try:
-        first = _first_record(path, fmt)
-    except (OSError, csv.Error) as exc:
-        raise UserError(f"{path}: cannot read as {fmt} ({exc})") from None
-    if first is not None and len(first) != len(names):
-        raise UserError(f"{path}: the first line has {len(first)} fields but --columns names {len(names)} "
-                        f"({', '.join(names)})")
-    if first is not None and [f.strip() for f in first] == list(names):
-        log.warning("%s: the first line equals --columns; it is scored as data (drop --columns for a header)", path)
-
-
-def check_tables(files: list[Path], fmt: str, needed: tuple[str, ...],
-                 names: Sequence[str] | None = None) -> dict[Path, TableColumns]:
-    """Each table's columns, checked for `needed` and for clashes with the output's own columns.
-
-    `names` (from `--columns`) are the columns of headerless CSV/TSV tables: the first line is data.
-    """
-    given = tuple(n.strip() for n in names) if names else None
-    if given is not None and (not all(given) or len(set(given)) != len(given)):
-        raise UserError(f"--columns {','.join(given)}: names must be non-empty and distinct")
-    columns = {}
-    for f in files:
-        if given is not None:
-            _given_columns(f, fmt, given)
-        cols = TableColumns(given, header=False) if given is not None else TableColumns(tuple(table_columns(f, fmt)))
-        missing = [c for c in needed if c not in cols.names]
-        if missing:
-            where = "--columns" if given is not None else f"{f}:"
-            raise UserError(f"{where} no column {', '.join(map(repr, missing))}; columns are {', '.join(cols.names)} "
-                            "(choose with --image-col/--caption-col)")
-        clash = [c for c in RESERVED if c in cols.names]
-        if clash:
-            raise UserError(f"{f}: has column(s) {', '.join(clash)}, which the output adds; rename them first")
-        columns[f] = cols
-    return columns
-
-
-class Utf8Replaced(io.RawIOBase):
-    """A file read as UTF-8 with undecodable bytes replaced by U+FFFD (and handed on re-encoded).
-
-    pyarrow's CSV reader rejects invalid UTF-8 in string columns, and also in the text of a malformed
-    row before our handler sees it, so the bytes are made valid before pyarrow parses them. It streams:
-    one chunk is decoded at a time, and the incremental decoder keeps a character split across chunks.
-    """
-
-    def __init__(self, path: str, chunk: int = _CSV_BLOCK):
-        super().__init__()
-        self._fh = open(path, "rb")
-        self._decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
-        self._pending = b""
-        self._eof = False
-        self._chunk = chunk
-        self._decoded = self._in_file = 0  # U+FFFD decoded; U+FFFD the file itself holds (valid UTF-8)
-        self._tail = b""  # last bytes read, to find one of those split across reads
-
-    @property
-    def replaced(self) -> int:
-        """Undecodable byte sequences replaced so far."""
-        return self._decoded - self._in_file
-
-    def readable(self) -> bool:
-        return True
-
-    def read(self, size: int = -1) -> bytes:
-        while not self._eof and (size < 0 or len(self._pending) < size):
-            raw = self._fh.read(self._chunk if size < 0 else max(size, self._chunk))
-            self._eof = not raw
-            text = self._decoder.decode(raw, final=self._eof)
-            window = self._tail + raw
-            self._in_file += window.count(_REPLACEMENT.encode())
-            self._tail = window[-2:]
-            self._decoded += text.count(_REPLACEMENT)
-            self._pending += text.encode()
-        size = len(self._pending) if size < 0 else size
-        out, self._pending = self._pending[:size], self._pending[size:]
-        return out
-
-    def close(self) -> None:
-        self._fh.close()
-        super().close()
-
-
-def _with_ids(table: pa.Table, file_index: int, start: int) -> pa.Table:
-    ids = pa.array(range((file_index << 32) + start, (file_index << 32) + start + table.num_rows), pa.int64())
-    return table.add_column(0, ROW_ID, ids)
-
-
-def _read_csv(path: str, file_index: int, fmt: str, columns: TableColumns, block_rows: int) -> Iterator[pa.Table]:
-    bad: list[str] = []
-    names = list(columns.names)
-    read = pv.ReadOptions(block_size=_CSV_BLOCK, column_names=None if columns.header else names)
-    with Utf8Replaced(path) as source:
-        # Every column as text: types inferred from the first block can break on a later row.
-        reader = pv.open_csv(source, read_options=read, parse_options=_csv_parse(fmt, bad),
-                             convert_options=pv.ConvertOptions(column_types={n: pa.string() for n in names}))
-        schema = reader.schema.append(pa.field(READ_ERROR, pa.string()))
-        row = 0
-        for batch in reader:
-            table = pa.Table.from_batches([batch]).append_column(READ_ERROR, pa.nulls(batch.num_rows, pa.string()))
-            if bad:
-                log.warning("%s: %d malformed line(s) kept as error rows, e.g. %r", path, len(bad), bad[0][:200])
-                nulls = {n: pa.nulls(len(bad), schema.field(n).type) for n in names}
-                errors = pa.array(["bad_row"] * len(bad), pa.string())
-                table = pa.concat_tables([table, pa.table({**nulls, READ_ERROR: errors}, schema=schema)])
-                bad.clear()
-            for start in range(0, table.num_rows, block_rows):
-                piece = table.slice(start, block_rows)
-                yield _with_ids(piece, file_index, row)
-                row += piece.num_rows
-    if source.replaced:
-        log.warning("%s: %d byte sequence(s) that are not UTF-8 replaced by U+FFFD", path, source.replaced)
-
-
-def _read_parquet(path: str, file_index: int, row_groups: list[int], first_row: int,
-                  block_rows: int) -> Iterator[pa.Table]:
-    row = first_row
-    for batch in pq.ParquetFile(path).iter_batches(batch_size=block_rows, row_groups=row_groups):
-        table = pa.Table.from_batches([batch])
-        table = table.append_column(READ_ERROR, pa.nulls(table.num_rows, pa.string()))
-        yield _with_ids(table, file_index, row)
-        row += table.num_rows
-
-
-# --- shards -------------------------------------------------------------------------------------
-
-SHARD_SCHEMA = pa.schema([(ROW_ID, pa.int64()), ("image", pa.string()), ("caption", pa.string()),
-                          ("caption_idx", pa.int64()), ("split", pa.string()), ("key", pa.string()),
-                          ("shard", pa.string()), (JPG, pa.binary()), (READ_ERROR, pa.string())])
-
-
-def _samples(path: str) -> Iterator[dict[str, Any]]:
-    """Tar members grouped into samples by key, as webdataset groups them.
-
-    Raises `tarfile.ReadError` after the last sample when the stream ended early: tarfile itself stops
-    without an error at an invalid header, which would silently drop the rest of the shard.
-    """
-    sample: dict[str, Any] | None = None
-    with tarfile.open(path, mode="r|*") as tar:
-        for member in tar:
-            tar.members = []  # stream mode would keep every TarInfo of the shard
-            if not member.isfile():
-                continue
-            key, ext = base_plus_ext(member.name)
-            if key is None:
-                continue
-            if sample is None or sample["__key__"] != key:
-                if sample is not None:
-                    yield sample
-                sample = {"__key__": key}
-            sample[ext.lower()] = tar.extractfile(member).read()
-        if sample is not None:
-            yield sample
-        problem = tar_end_problem(tar)
-    if problem:
-        raise tarfile.ReadError(problem)
-
-
-def _sample_rows(sample: dict[str, Any], shard: str, per_image: bool = False) -> list[dict[str, Any]]:
-    """One row per caption (per image with `per_image`); a sample that cannot be understood is one
-    `bad_sample` row."""
-    key = sample["__key__"].rsplit("/", 1)[-1]
-    base = {"key": key, "shard": shard, JPG: sample.get("jpg"), READ_ERROR: None}
-    try:
-        meta = json.loads(sample["json"])
-        captions = meta["captions"]
-        if not isinstance(captions, list):
-            raise TypeError("captions is not a list")
-        idx = meta.get("caption_idx") or list(range(len(captions)))
-    except (KeyError, ValueError, TypeError) as exc:
-        log.warning("%s: sample %s unreadable (%s)", shard, key, exc)
-        return [{**base, "image": key, "caption": None, "caption_idx": None, "split": None, READ_ERROR: "bad_sample"}]
-    image = meta.get("image") if isinstance(meta.get("image"), str) else key
-    split = meta.get("split") if isinstance(meta.get("split"), str) else None
-    image_error = None if isinstance(sample.get("jpg"), bytes) else "bad_sample"
-    if per_image:
-        return [{**base, "image": image, "caption": None, "caption_idx": None, "split": split, READ_ERROR: image_error}]
-    idx = list(idx) + [None] * (len(captions) - len(idx))
-    return [{**base, "image": image, "caption": c if isinstance(c, str) else None,
-             "caption_idx": i if isinstance(i, int) else None, "split": split,
-             READ_ERROR: image_error or (None if isinstance(c, str) else "not_text")}
-            for c, i in zip(captions, idx)]
-
-
-def _read_shard(path: str, file_index: int, block_rows: int, per_image: bool = False) -> Iterator[pa.Table]:
-    rows: list[dict[str, Any]] = []
-    row = 0
-
-    def flush() -> pa.Table:
-        nonlocal row
-        table = pa.Table.from_pylist([{ROW_ID: (file_index << 32) + row + i, **r} for i, r in enumerate(rows)],
-                                     schema=SHARD_SCHEMA)
-        row += len(rows)
-        rows.clear()
-        return table
-
-    try:
-        for sample in _samples(path):
-            rows.extend(_sample_rows(sample, path, per_image))
-            if len(rows) >= block_rows:
-                yield flush()
-    except (tarfile.TarError, OSError, EOFError) as exc:
-        log.warning("%s: shard unreadable after %d rows (%s)", path, row + len(rows), exc)
-        rows.append({"image": None, "caption": None, "caption_idx": None, "split": None, "key": None,
-                     "shard": path, JPG: None, READ_ERROR: "bad_shard"})
-    if rows:
-        yield flush()
-
-
 # --- the datasource -----------------------------------------------------------------------------
 
 class ScoreInputs(Datasource):
@@ -374,7 +112,7 @@ class ScoreInputs(Datasource):
             groups.append(g)
             rows += meta.row_group(g).num_rows
             if rows >= _PARQUET_ROWS_PER_TASK or g == meta.num_row_groups - 1:
-                fn = functools.partial(_read_parquet, str(path), index, groups, first, self.block_rows)
+                fn = functools.partial(read_parquet_blocks, str(path), index, groups, first, self.block_rows)
                 tasks.append((fn, rows, path.stat().st_size * rows // max(1, meta.num_rows)))
                 groups, first, rows = [], first + rows, 0
         return tasks
@@ -390,10 +128,10 @@ class ScoreInputs(Datasource):
                 plan += self._parquet_tasks(index, path)
             elif self.fmt in ("csv", "tsv"):
                 cols = self.columns.get(path) or TableColumns(tuple(table_columns(path, self.fmt)))
-                plan.append((functools.partial(_read_csv, str(path), index, self.fmt, cols, self.block_rows),
+                plan.append((functools.partial(read_csv_blocks, str(path), index, self.fmt, cols, self.block_rows),
                              None, size))
             elif self.fmt == "shards":
-                plan.append((functools.partial(_read_shard, str(path), index, self.block_rows, self.per_image),
+                plan.append((functools.partial(read_shard_blocks, str(path), index, self.block_rows, self.per_image),
                              None, size))
             else:
                 raise UserError(f"unknown input format {self.fmt!r}")

@@ -1,0 +1,12 @@
+"""The column names every `itsim score` reader and writer shares.
+
+A module of its own so the table and shard readers (`score_tables`, `score_shards`) and the
+datasource (`score_read`, which re-exports them for the scoring jobs) share them without importing
+each other.
+"""
+from __future__ import annotations
+
+ROW_ID = "row_id"
+JPG = "__jpg"  # encoded image bytes of a shard row (dropped before writing)
+READ_ERROR = "__read_error"  # a reason found while reading (kept as the row's error)
+RESERVED = (ROW_ID, "score", "error")
