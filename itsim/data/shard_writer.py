@@ -28,7 +28,7 @@ from typing import Any, Callable
 import numpy as np
 from tqdm import tqdm
 
-from itsim.images import ImageError, encode_jpeg, load_image, safe_path
+from itsim.images import ImageError, encode_jpeg, load_image, safe_path_in
 from itsim.text import Vocab
 
 log = logging.getLogger(__name__)
@@ -74,8 +74,11 @@ class ShardTask:
 
     def plan_hash(self) -> str:
         """Identifies what this shard should contain; independent of where OUT lives."""
-        fields = dataclasses.asdict(self)
+        # The same JSON as json.dumps(dataclasses.asdict(self)) gave, without asdict's deep copy of every
+        # item (a measurable share of a shard's time); the hash is stored in _stats.json, so it must not change.
+        fields: dict[str, Any] = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
         fields.pop("out_dir")
+        fields["items"] = [{f.name: getattr(item, f.name) for f in dataclasses.fields(item)} for item in self.items]
         fields["vocab_words"] = hashlib.sha256("\n".join(self.vocab_words).encode()).hexdigest()
         return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:16]
 
@@ -114,19 +117,58 @@ def make_keys(names: list[str]) -> dict[str, str]:
     return keys
 
 
-def _npy_bytes(array: np.ndarray) -> bytes:
-    buf = io.BytesIO()
-    np.save(buf, array, allow_pickle=False)
-    return buf.getvalue()
+def _npy_bytes(array: np.ndarray, headers: dict[tuple[str, tuple[int, ...]], bytes]) -> bytes:
+    """`np.save` bytes of a C-contiguous array; the header is made once per dtype and shape.
+
+    `headers` is the caller's cache (one per shard): every caption count of a shard shares a header.
+    """
+    array = np.ascontiguousarray(array)
+    key = (array.dtype.str, array.shape)
+    header = headers.get(key)
+    if header is None:
+        buf = io.BytesIO()
+        np.save(buf, array, allow_pickle=False)
+        data = buf.getvalue()
+        headers[key] = data[: len(data) - array.nbytes]
+        return data
+    return header + array.tobytes()
 
 
-def _add_member(tar: tarfile.TarFile, name: str, data: bytes) -> None:
-    info = tarfile.TarInfo(name)
-    info.size = len(data)
-    info.mtime = 0
-    info.mode = 0o444
-    info.uname = info.gname = "itsim"
-    tar.addfile(info, io.BytesIO(data))
+class _TarOut:
+    """Writes a USTAR archive exactly as `tarfile.open(mode="w", format=USTAR_FORMAT)` does for our
+    members (same headers, 512-byte padding, two zero blocks, 10240-byte record), hashing the bytes as
+    they go out, so the finished shard is never read back for its SHA-256.
+    """
+
+    def __init__(self, fh: Any):
+        self.fh = fh
+        self.sha = hashlib.sha256()
+        self.size = 0
+
+    def _write(self, data: bytes) -> None:
+        self.fh.write(data)
+        self.sha.update(data)
+        self.size += len(data)
+
+    @staticmethod
+    def member(name: str, data: bytes) -> list[bytes]:
+        """Header, data and padding of one member: mtime 0, read-only, owner `itsim`."""
+        info = tarfile.TarInfo(name)
+        info.size = len(data)
+        info.mtime = 0
+        info.mode = 0o444
+        info.uname = info.gname = "itsim"
+        header = info.tobuf(tarfile.USTAR_FORMAT, tarfile.ENCODING, "surrogateescape")
+        return [header, data, tarfile.NUL * (-len(data) % tarfile.BLOCKSIZE)]
+
+    def add(self, members: list[tuple[str, bytes]]) -> None:
+        """One sample's members, in the order given, in a single write."""
+        self._write(b"".join(part for name, data in members for part in self.member(name, data)))
+
+    def finish(self) -> None:
+        """End of archive: two zero blocks, then zeros up to a whole record (`tar -b20`)."""
+        end = 2 * tarfile.BLOCKSIZE
+        self._write(tarfile.NUL * (end + (-(self.size + end) % tarfile.RECORDSIZE)))
 
 
 def _temp_name(path: Path) -> Path:
@@ -168,39 +210,41 @@ def write_shard(task: ShardTask, progress: Callable[[int], None] | None = None) 
     """
     start = time.perf_counter()
     vocab = Vocab(task.vocab_words)
+    root = Path(task.images_root).resolve()  # once per shard, not per image (safe_path would redo it)
+    npy_headers: dict[tuple[str, tuple[int, ...]], bytes] = {}
     task.stats_path.unlink(missing_ok=True)  # a stale stats file must never vouch for a new tar
     tmp = _temp_name(task.tar_path)
     failures: list[dict] = []
     images_ok = captions = 0
     try:
         with open(tmp, "wb") as fh:
-            with tarfile.open(fileobj=fh, mode="w", format=tarfile.USTAR_FORMAT) as tar:
-                for item in task.items:
-                    try:
-                        path = safe_path(task.images_root, item.image)
-                        img = load_image(path, task.image_size, task.resize, task.max_pixels)
-                        jpg = encode_jpeg(img, task.jpeg_quality)
-                    except ImageError as exc:
-                        failures.append(_failure(task, item, exc.reason, str(exc).removeprefix(f"{exc.reason}: ")))
-                    except Exception as exc:  # noqa: BLE001 - a decoder bug must not stop the build
-                        log.debug("unexpected error on %s", item.image, exc_info=True)
-                        failures.append(_failure(task, item, "unexpected_error", f"{type(exc).__name__}: {exc}"))
-                    else:
-                        ids, lengths = vocab.encode(list(item.captions), task.max_len)
-                        meta = {"image": item.image, "captions": list(item.captions),
-                                "caption_idx": list(item.caption_idx), "split": task.split, "source": task.source}
-                        # Sorted extensions, as webdataset's TarWriter orders them.
-                        _add_member(tar, f"{item.key}.ids.npy", _npy_bytes(ids))
-                        _add_member(tar, f"{item.key}.jpg", jpg)
-                        _add_member(tar, f"{item.key}.json", json.dumps(meta, ensure_ascii=False).encode())
-                        _add_member(tar, f"{item.key}.lengths.npy", _npy_bytes(lengths))
-                        images_ok += 1
-                        captions += len(item.captions)
-                    if progress is not None:
-                        progress(1)
+            tar = _TarOut(fh)
+            for item in task.items:
+                try:
+                    path = safe_path_in(root, item.image)
+                    img = load_image(path, task.image_size, task.resize, task.max_pixels)
+                    jpg = encode_jpeg(img, task.jpeg_quality)
+                except ImageError as exc:
+                    failures.append(_failure(task, item, exc.reason, str(exc).removeprefix(f"{exc.reason}: ")))
+                except Exception as exc:  # noqa: BLE001 - a decoder bug must not stop the build
+                    log.debug("unexpected error on %s", item.image, exc_info=True)
+                    failures.append(_failure(task, item, "unexpected_error", f"{type(exc).__name__}: {exc}"))
+                else:
+                    ids, lengths = vocab.encode(list(item.captions), task.max_len)
+                    meta = {"image": item.image, "captions": list(item.captions),
+                            "caption_idx": list(item.caption_idx), "split": task.split, "source": task.source}
+                    # Sorted extensions, as webdataset's TarWriter orders them.
+                    tar.add([(f"{item.key}.ids.npy", _npy_bytes(ids, npy_headers)),
+                             (f"{item.key}.jpg", jpg),
+                             (f"{item.key}.json", json.dumps(meta, ensure_ascii=False).encode()),
+                             (f"{item.key}.lengths.npy", _npy_bytes(lengths, npy_headers))])
+                    images_ok += 1
+                    captions += len(item.captions)
+                if progress is not None:
+                    progress(1)
+            tar.finish()
             fh.flush()
             os.fsync(fh.fileno())
-        data = tmp.read_bytes()
         os.replace(tmp, task.tar_path)
     except BaseException:  # a full disk (or Ctrl-C) must not leave a partial temp file behind
         tmp.unlink(missing_ok=True)
@@ -214,7 +258,7 @@ def write_shard(task: ShardTask, progress: Callable[[int], None] | None = None) 
         "images_planned": len(task.items), "images_ok": images_ok, "captions": captions,
         "caption_rows_failed": sum(f["caption_rows"] for f in failures),
         "failures_by_reason": dict(sorted(by_reason.items())), "failures": failures,
-        "bytes": len(data), "sha256": hashlib.sha256(data).hexdigest(),
+        "bytes": tar.size, "sha256": tar.sha.hexdigest(),
         "seconds": round(seconds, 3), "images_per_second": round(len(task.items) / max(seconds, 1e-9), 1),
     }
     _write_json_atomic(task.stats_path, stats)
