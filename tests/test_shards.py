@@ -140,6 +140,38 @@ def test_same_bytes_for_one_and_two_workers(small, tmp_path):
     assert len(one) >= 3 and one == two
 
 
+def check_recorded_hashes(out: Path) -> int:
+    """Every shard the manifest lists: its _stats.json sha256 and size are those of the file on disk, and
+    the file is what the stdlib's tarfile writes for the same members. Returns the number of shards."""
+    manifest = json.loads((out / "manifest.json").read_text())
+    names = [name for split in manifest["splits"].values() for name in split["shards"]]
+    for name in names:
+        data = (out / name).read_bytes()
+        stats = json.loads((out / name.replace(".tar", "_stats.json")).read_text())
+        assert stats["sha256"] == hashlib.sha256(data).hexdigest() and stats["bytes"] == len(data), name
+        again = io.BytesIO()
+        with tarfile.open(fileobj=io.BytesIO(data)) as tar, \
+                tarfile.open(fileobj=again, mode="w", format=tarfile.USTAR_FORMAT) as copy:
+            for member in tar.getmembers():
+                copy.addfile(member, tar.extractfile(member))
+            assert len(tar.getmembers()) == 4 * stats["images_ok"]
+        assert again.getvalue() == data, name
+    return len(names)
+
+
+def test_recorded_sha256_and_size_match_the_files(small, messy, tmp_path):
+    captions, images, _ = small
+    for workers in (1, 2):
+        build_shards(cfg_for(captions, images, tmp_path / f"w{workers}", workers=workers))
+        assert check_recorded_hashes(tmp_path / f"w{workers}") >= 3
+    assert check_recorded_hashes(messy[4] / "out") >= 2  # shards holding failures between good images
+    # A shard in which every image fails is still a valid (empty) tar with a matching hash.
+    write_captions(tmp_path / "gone.csv", [(f"gone{i}.jpg", 0, "a dog runs") for i in range(3)])
+    out = tmp_path / "gone"
+    build_shards(cfg_for(tmp_path / "gone.csv", images, out, splits=(1.0, 0.0, 0.0), max_failure_rate=1.0))
+    assert check_recorded_hashes(out) == 1
+
+
 @pytest.mark.slow
 def test_ray_engine_writes_the_same_bytes(small, tmp_path, ray_local):
     captions, images, _ = small
