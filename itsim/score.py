@@ -3,7 +3,9 @@ that the Ray job (`itsim score`, in `itsim.score_ray`) runs on its CPU workers.
 
 Ray and in-process scores are the same numbers because both run the same two steps:
 `prepare_rows` (decode, resize, tokenise through `itsim.images` and `itsim.text`; every bad row gets
-an error reason instead of raising) and `Scorer.score_prepared` (the model, batched). Error reasons
+an error reason instead of raising) and `Scorer.score_prepared` (the model, batched). Scoring sets
+repeat images (five captions per photo) and the CNN is most of a row's cost, so `prepare_rows` gives
+each row a key of its image and `score_prepared` encodes each distinct image of a batch once. Error reasons
 are `ImageError.reason` codes (`missing`, `decode_error`, `not_an_image`, `too_many_pixels`,
 `path_escape`, `bad_name`, ...) or the caption codes `empty_caption` (nothing left after
 normalisation) and `not_text` (not a string, e.g. null).
@@ -11,6 +13,7 @@ normalisation) and `not_text` (not a string, e.g. null).
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import logging
 import os
 from collections import Counter
@@ -28,17 +31,25 @@ from itsim.text import Vocab, normalize
 
 log = logging.getLogger(__name__)
 
-__all__ = ["Scorer", "Prepared", "prepare_rows", "prepare_images", "prepare_captions", "caption_error", "add_cli"]
+__all__ = ["Scorer", "Prepared", "prepare_rows", "prepare_images", "prepare_images_keyed", "prepare_captions",
+           "caption_error", "add_cli"]
 
 
 @dataclass
 class Prepared:
-    """A batch ready for the model; rows with an error hold zeros and are never scored."""
+    """A batch ready for the model; rows with an error hold zeros and are never scored.
+
+    `image_keys` names each row's image (see `_image_source`): rows with the same key hold the same pixels,
+    so the model encodes that image once. The keys are global strings, not row offsets, because the
+    Ray job may regroup rows between preprocessing and scoring. None (the whole list, or one row):
+    the row's image is encoded on its own.
+    """
 
     pixels: np.ndarray  # uint8 [n, S, S, 3]
     ids: np.ndarray  # int32 [n, max_len]
     lengths: np.ndarray  # int32 [n]
     errors: list[str | None]
+    image_keys: list[str | None] | None = None
 
     def __len__(self) -> int:
         return len(self.errors)
@@ -56,13 +67,19 @@ def caption_error(caption: object) -> str | None:
     return None
 
 
-def _image_source(source: Any, images_root: str | Path | None, base_dir: str | Path | None) -> tuple[Any, Any]:
-    """(what `load_image` reads, a key to decode each distinct image once per batch)."""
+def _image_source(source: Any, images_root: str | Path | None, base_dir: str | Path | None) -> tuple[Any, str]:
+    """(what `load_image` reads, its image key).
+
+    The key is what makes a repeated image decode and encode once: `path:` and the resolved path,
+    `bytes:` and a digest of the encoded bytes (the same JPEG in many shard rows), or `pil:` and the
+    object's id (only meaningful while the caller holds the images, i.e. within one batch). The
+    prefixes keep a file literally named like a digest from meeting one.
+    """
     if isinstance(source, Image.Image):
-        return source, id(source)
+        return source, f"pil:{id(source)}"
     if isinstance(source, (bytes, bytearray, memoryview)):
         data = bytes(source)
-        return data, data
+        return data, "bytes:" + hashlib.blake2b(data, digest_size=16).hexdigest()
     if isinstance(source, os.PathLike):
         source = os.fspath(source)
     if not isinstance(source, str) or not source.strip():
@@ -71,7 +88,7 @@ def _image_source(source: Any, images_root: str | Path | None, base_dir: str | P
         path = safe_path(images_root, source)
     else:
         path = Path(base_dir or ".") / source
-    return path, str(path)
+    return path, f"path:{path}"
 
 
 def prepare_images(images: Sequence[Any], pre: Preprocess, images_root: str | Path | None = None,
@@ -79,15 +96,28 @@ def prepare_images(images: Sequence[Any], pre: Preprocess, images_root: str | Pa
                    base_dir: str | Path | None = None) -> tuple[np.ndarray, list[str | None]]:
     """Images (relative path, path, bytes or PIL) -> uint8 [n, S, S, 3] and an error per row.
 
+    `prepare_images_keyed` without the keys (for callers that encode each image row anyway).
+    """
+    pixels, errors, _ = prepare_images_keyed(images, pre, images_root, max_pixels, errors, base_dir)
+    return pixels, errors
+
+
+def prepare_images_keyed(images: Sequence[Any], pre: Preprocess, images_root: str | Path | None = None,
+                         max_pixels: int = DEFAULT_MAX_PIXELS, errors: Sequence[str | None] | None = None,
+                         base_dir: str | Path | None = None
+                         ) -> tuple[np.ndarray, list[str | None], list[str | None]]:
+    """Images -> (uint8 [n, S, S, 3], error per row, image key per row; None where the row has an error).
+
     Relative paths resolve safely under `images_root` (`path_escape` otherwise); without a root,
     paths are taken as written, relative ones against `base_dir` (default: the current directory).
     Rows whose `errors` entry is already set are skipped. An image repeated in the batch (five
-    captions of one photo) is decoded once.
+    captions of one photo) is decoded once, and its rows share a key (see `_image_source`).
     """
     size = pre.image_size
     errors = list(errors) if errors is not None else [None] * len(images)
+    keys: list[str | None] = [None] * len(images)
     pixels = np.zeros((len(images), size, size, 3), dtype=np.uint8)
-    cache: dict[Any, np.ndarray | str] = {}
+    cache: dict[str, np.ndarray | str] = {}
     for row, source in enumerate(images):
         if errors[row] is not None:
             continue
@@ -102,14 +132,15 @@ def prepare_images(images: Sequence[Any], pre: Preprocess, images_root: str | Pa
             except ImageError as exc:
                 cache[key] = exc.reason
             except Exception:  # noqa: BLE001 - a decoder bug must cost one row, not the job
-                log.debug("unexpected error loading %r", key if isinstance(key, str) else "image", exc_info=True)
+                log.debug("unexpected error loading %r", key, exc_info=True)
                 cache[key] = "unexpected_error"
         value = cache[key]
         if isinstance(value, str):
             errors[row] = value
         else:
             pixels[row] = value
-    return pixels, errors
+            keys[row] = key
+    return pixels, errors, keys
 
 
 def prepare_captions(captions: Sequence[Any], pre: Preprocess, vocab: Vocab,
@@ -134,8 +165,8 @@ def prepare_rows(images: Sequence[Any], captions: Sequence[Any], pre: Preprocess
     if len(images) != len(captions):
         raise ValueError(f"{len(images)} images but {len(captions)} captions")
     ids, lengths, errs = prepare_captions(captions, pre, vocab, errors)
-    pixels, errs = prepare_images(images, pre, images_root, max_pixels, errs, base_dir)
-    return Prepared(pixels, ids, lengths, errs)
+    pixels, errs, keys = prepare_images_keyed(images, pre, images_root, max_pixels, errs, base_dir)
+    return Prepared(pixels, ids, lengths, errs, keys)
 
 
 def _column(batch: Any, name: str) -> list:
@@ -148,6 +179,28 @@ def _column(batch: Any, name: str) -> list:
     values = list(values)
     # pandas/numpy turn a missing string into NaN; a missing value is a null, not a float.
     return [None if isinstance(v, float) and np.isnan(v) else v for v in values]
+
+
+def _distinct_images(rows: np.ndarray, keys: Sequence[str | None] | None) -> tuple[np.ndarray, np.ndarray | None]:
+    """(one row per distinct image among `rows`, each row's position in it); the index is None when
+    every image is distinct. A row without a key is an image of its own."""
+    if keys is None:
+        return rows, None
+    first: dict[str, int] = {}
+    image_rows: list[int] = []
+    index = np.empty(len(rows), dtype=np.int64)
+    for i, row in enumerate(rows):
+        key = keys[row]
+        pos = first.get(key) if key is not None else None
+        if pos is None:
+            pos = len(image_rows)
+            image_rows.append(int(row))
+            if key is not None:
+                first[key] = pos
+        index[i] = pos
+    if len(image_rows) == len(rows):
+        return rows, None
+    return np.asarray(image_rows, dtype=np.int64), index
 
 
 class Scorer:
@@ -216,14 +269,20 @@ class Scorer:
         return prepare_rows(images, captions, self.pre, self.vocab, self.images_root, self.max_pixels, errors)
 
     def score_prepared(self, prep: Prepared) -> np.ndarray:
-        """float32 probabilities, NaN where the row has an error."""
+        """float32 probabilities, NaN where the row has an error.
+
+        Per chunk of rows, the CNN runs once per distinct image key and the model indexes its vectors
+        (`ItsimModel.forward`'s `image_index`); in eval mode that gives the per-row numbers.
+        """
         scores = np.full(len(prep), np.nan, dtype=np.float32)
         ok = np.flatnonzero(prep.ok)
         with torch.inference_mode(), self._autocast():
             for s in self._chunks(len(ok)):
                 rows = ok[s]
-                logits = self.model(self._to_device(prep.pixels[rows]), self._to_device(prep.ids[rows]),
-                                    torch.from_numpy(prep.lengths[rows]))
+                image_rows, image_index = _distinct_images(rows, prep.image_keys)
+                index = None if image_index is None else self._to_device(image_index)
+                logits = self.model(self._to_device(prep.pixels[image_rows]), self._to_device(prep.ids[rows]),
+                                    torch.from_numpy(prep.lengths[rows]), image_index=index)
                 scores[rows] = torch.sigmoid(logits.float()).cpu().numpy()
         return scores
 

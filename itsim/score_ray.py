@@ -4,7 +4,9 @@ Pipeline, following Ray's batch-inference pattern:
 read (`score_read.ScoreInputs`: stable `row_id`s, streamed blocks) -> repartition into batch-sized
 blocks (a small file is one block: without this one actor would get all the work) -> CPU tasks run
 `score.prepare_rows` (decode, resize, tokenise; bad rows get an `error`) -> a fixed pool of actors,
-each loading the model once and running `Scorer.score_prepared` -> `write_parquet`.
+each loading the model once and running `Scorer.score_prepared` -> `write_parquet`. Each row's image
+key travels with its pixels, so an actor encodes each distinct image of its batch once; the keys are
+global strings (a path, a digest of the JPEG bytes) because Ray may regroup rows between the stages.
 
 CPU accounting matters on small machines: the actors' CPU requests are sized so at least half a CPU
 stays free for reading and preprocessing, otherwise the actors can hold every CPU while the read
@@ -38,7 +40,7 @@ from itsim.text import Vocab
 
 log = logging.getLogger(__name__)
 
-PIXELS, IDS, LENGTHS = "__pixels", "__ids", "__lengths"
+PIXELS, IDS, LENGTHS, IMAGE_KEY = "__pixels", "__ids", "__lengths", "__image_key"
 MODEL_FILES = ("model.safetensors", "config.json", "vocab.json")
 OUR_OUTPUTS = ("_summary.json", "_config.yaml", "image_topk", "caption_topk", "topk_errors.parquet")
 
@@ -173,6 +175,7 @@ def preprocess_block(table: pa.Table, *, pre: Preprocess, vocab: Vocab, image_co
     out = out.append_column(PIXELS, ArrowTensorArray.from_numpy(prep.pixels))
     out = out.append_column(IDS, ArrowTensorArray.from_numpy(prep.ids))
     out = out.append_column(LENGTHS, pa.array(prep.lengths, pa.int32()))
+    out = out.append_column(IMAGE_KEY, pa.array(prep.image_keys, pa.string()))
     return out.append_column("error", pa.array(prep.errors, pa.string()))
 
 
@@ -190,10 +193,11 @@ class ScoreActor:
         from itsim.score import Prepared
 
         errors = table.column("error").to_pylist()
+        keys = table.column(IMAGE_KEY).to_pylist() if IMAGE_KEY in table.column_names else None
         prep = Prepared(tensor_column(table, PIXELS), tensor_column(table, IDS),
-                        table.column(LENGTHS).to_numpy(), errors)
+                        table.column(LENGTHS).to_numpy(), errors, keys)
         scores = self.scorer.score_prepared(prep)
-        out = table.drop_columns([PIXELS, IDS, LENGTHS, "error"])
+        out = table.drop_columns([PIXELS, IDS, LENGTHS, "error"] + ([IMAGE_KEY] if keys is not None else []))
         out = out.append_column("score", pa.array(scores, pa.float32(), mask=np.isnan(scores)))
         return out.append_column("error", pa.array(errors, pa.string()))
 

@@ -5,6 +5,7 @@ Ray results are checked row by row against the in-process `Scorer` on the same p
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -97,6 +98,7 @@ def _config(data: dict, inputs: list[str], out: Path, **kw) -> ScoreConfig:
 def _check_against_scorer(data: dict, out_df: pd.DataFrame, in_df: pd.DataFrame) -> None:
     """Every input row exactly once, with its columns, the same error and the in-process score."""
     assert len(out_df) == len(in_df)
+    assert set(out_df.columns) == set(in_df.columns) | {"row_id", "score", "error"}  # no model inputs or keys
     assert out_df["row_id"].is_unique
     out_df = out_df.sort_values("row_id").reset_index(drop=True)
     assert [str(x) for x in out_df["pair_id"]] == [str(x) for x in in_df["pair_id"]]
@@ -134,6 +136,96 @@ def test_scorer_scores_pairs_and_names_every_bad_row(data):
     np.testing.assert_allclose(np.diag(matrix), scores[first[:6]], atol=1e-5)
     assert np.isnan(scorer.score(paths[:3], [5, None, "a dog"])[:2]).all()
     assert scorer.score_rows({"image": paths[:2], "caption": [3, "a dog"]})[1] == ["not_text", None]
+
+
+def _cnn_rows(scorer: Scorer) -> tuple[list[int], object]:
+    """Rows the CNN encodes, recorded by a forward hook on the real model's image encoder."""
+    seen: list[int] = []
+    handle = scorer.model.image_encoder.register_forward_hook(lambda _m, inputs, _out: seen.append(len(inputs[0])))
+    return seen, handle
+
+
+def _flickr_style(n_images: int = 12, per_image: int = 5) -> tuple[list[str], list[str]]:
+    """Consecutive rows of each image's captions, with a missing image and an empty caption among them."""
+    images = [f"sub/img{i:03d}.jpg" for i in range(n_images) for _ in range(per_image)]
+    captions = [_caption(i) for i in range(len(images))]
+    images.insert(23, "nope.jpg")
+    captions.insert(23, "A dog.")
+    images.insert(41, "sub/img003.jpg")
+    captions.insert(41, "")
+    return images, captions
+
+
+def test_repeated_images_are_encoded_once_per_batch_and_score_as_row_by_row(data):
+    scorer = Scorer.from_dir(data["model"], device="cpu", images_root=data["images"], max_pixels=MAX_PIXELS,
+                             batch_size=16)
+    images, captions = _flickr_style()
+    seen, handle = _cnn_rows(scorer)
+    try:
+        scores, errors = scorer.score_rows({"image": images, "caption": captions})
+        encoded = sum(seen)
+        ok = np.flatnonzero([e is None for e in errors])
+        # The CNN sees each distinct image of each 16-row chunk of scorable rows once.
+        distinct = sum(len({images[r] for r in ok[i:i + 16]}) for i in range(0, len(ok), 16))
+        assert encoded == distinct < len(ok) // 3
+        assert errors[23] == "missing" and errors[41] == "empty_caption" and len(ok) == len(images) - 2
+
+        # The same rows without image keys take the old path: one CNN row per scored row, same numbers.
+        seen.clear()
+        prep = scorer.prepare(images, captions)
+        assert prep.image_keys[0] == prep.image_keys[4] != prep.image_keys[5] and prep.image_keys[23] is None
+        np.testing.assert_allclose(scorer.score_prepared(dataclasses.replace(prep, image_keys=None)), scores,
+                                   atol=1e-5, rtol=0)
+        assert sum(seen) == len(ok)
+
+        # Encoded bytes (equal content, separate objects) and one PIL object per image share keys too.
+        seen.clear()
+        raw = [(data["images"] / p).read_bytes() for p in images if p != "nope.jpg"]
+        bytes_scores = scorer.score(raw, [c for p, c in zip(images, captions) if p != "nope.jpg"])
+        assert sum(seen) == encoded
+        seen.clear()
+        pil = {p: Image.open(data["images"] / p) for p in set(images) - {"nope.jpg"}}
+        pil_scores = scorer.score([pil.get(p, p) for p in images], captions)
+        assert sum(seen) == encoded
+    finally:
+        handle.remove()
+    np.testing.assert_allclose(np.delete(scores, 23), bytes_scores, atol=1e-5, rtol=0, equal_nan=True)
+    np.testing.assert_allclose(pil_scores, scores, atol=1e-5, rtol=0, equal_nan=True)
+    # One row at a time: a batch of one pair per model call.
+    one_by_one = np.array([scorer.score([images[r]], [captions[r]])[0] for r in ok])
+    np.testing.assert_allclose(scores[ok], one_by_one, atol=1e-5, rtol=0)
+
+
+def test_ray_actor_encodes_each_image_once_across_regrouped_preprocessed_blocks(data, ray_local):
+    """Two blocks preprocessed apart and joined (as Ray may regroup rows) share image keys: the actor's
+    CNN sees each distinct image once, and its output columns are the input's plus `score`, `error`."""
+    import pyarrow as pa
+
+    from itsim.model import load_model
+    from itsim.score_ray import ScoreActor, preprocess_block, put_model
+    from itsim.score_read import READ_ERROR
+
+    _, vocab, pre = load_model(data["model"], "cpu")
+    images, captions = _flickr_style(n_images=4)
+    blocks = []
+    for part in (slice(0, 11), slice(11, None)):  # image 2 has rows in both blocks
+        table = pa.table({"row_id": list(range(len(images)))[part], "image": images[part],
+                          "caption": captions[part], READ_ERROR: pa.nulls(len(images[part]), pa.string())})
+        blocks.append(preprocess_block(table, pre=pre, vocab=vocab, image_col="image", caption_col="caption",
+                                       images_root=str(data["images"]), base_dir=os.getcwd(),
+                                       max_pixels=MAX_PIXELS, from_bytes=False))
+    actor = ScoreActor(put_model(data["model"]), threads=1, use_gpu=False, batch_size=256)
+    seen, handle = _cnn_rows(actor.scorer)
+    try:
+        out = actor(pa.concat_tables(blocks))
+    finally:
+        handle.remove()
+    assert sum(seen) == 4
+    assert out.column_names == ["row_id", "image", "caption", "score", "error"]
+    scores, errors = _scorer(data).score_rows({"image": images, "caption": captions})
+    assert out.column("error").to_pylist() == errors
+    got = out.column("score").to_numpy(zero_copy_only=False).astype(np.float64)
+    np.testing.assert_allclose(got, scores, atol=1e-5, rtol=0, equal_nan=True)
 
 
 def test_plan_resources_leaves_cpu_for_reads_and_uses_gpus():
