@@ -9,4 +9,7 @@ from __future__ import annotations
 ROW_ID = "row_id"
 JPG = "__jpg"  # encoded image bytes of a shard row (dropped before writing)
 READ_ERROR = "__read_error"  # a reason found while reading (kept as the row's error)
-RESERVED = (ROW_ID, "score", "error")
+# Columns the Ray job adds between its stages (preprocessed inputs, dropped before writing).
+PIXELS, IDS, LENGTHS, IMAGE_KEY = "__pixels", "__ids", "__lengths", "__image_key"
+# Names an input table may not use: the output's own columns and every internal one.
+RESERVED = (ROW_ID, "score", "error", JPG, READ_ERROR, PIXELS, IDS, LENGTHS, IMAGE_KEY)

@@ -36,11 +36,11 @@ from itsim import config
 from itsim.errors import UserError
 from itsim.images import DEFAULT_MAX_PIXELS
 from itsim.model import Preprocess
+from itsim.score_columns import IDS, IMAGE_KEY, LENGTHS, PIXELS  # columns between the job's stages
 from itsim.text import Vocab
 
 log = logging.getLogger(__name__)
 
-PIXELS, IDS, LENGTHS, IMAGE_KEY = "__pixels", "__ids", "__lengths", "__image_key"
 MODEL_FILES = ("model.safetensors", "config.json", "vocab.json")
 OUR_OUTPUTS = ("_summary.json", "_config.yaml", "image_topk", "caption_topk", "topk_errors.parquet")
 

@@ -102,7 +102,7 @@ def check_tables(files: list[Path], fmt: str, needed: tuple[str, ...],
                             "(choose with --image-col/--caption-col)")
         clash = [c for c in RESERVED if c in cols.names]
         if clash:
-            raise UserError(f"{f}: has column(s) {', '.join(clash)}, which the output adds; rename them first")
+            raise UserError(f"{f}: has column(s) {', '.join(clash)}, which the output or the job's stages use; rename them first")
         columns[f] = cols
     return columns
 

@@ -424,8 +424,10 @@ def test_check_tables_with_columns_names_a_headerless_table_and_checks_it(data, 
         check_tables([path], "tsv", needed, names=["image", "text", "label"])
     with pytest.raises(UserError, match="non-empty and distinct"):
         check_tables([path], "tsv", needed, names=["image", "caption", "image"])
-    with pytest.raises(UserError, match="which the output adds"):
+    with pytest.raises(UserError, match="which the output or the job"):
         check_tables([path], "tsv", needed, names=["image", "caption", "score"])
+    with pytest.raises(UserError, match="__pixels"):  # the job's internal columns are reserved too
+        check_tables([path], "tsv", needed, names=["image", "caption", "__pixels"])
     parquet = tmp_path / "p.parquet"
     data["df"].iloc[:5].to_parquet(parquet)
     with pytest.raises(UserError, match="headerless CSV/TSV tables, not parquet"):
