@@ -302,12 +302,36 @@ def _init_worker() -> None:
         sys.modules["torch"].set_num_threads(1)
 
 
+def _mp_context() -> multiprocessing.context.BaseContext:
+    """A fork server where there is one (safe when the caller has threads), else spawn.
+
+    The fork server imports this module (numpy, PIL) once, so each worker forked from it starts ready
+    instead of spending ~0.15 s importing it, on every build. `__main__` stays preloaded as by default.
+    This only affects a fork server this process has not started yet.
+    """
+    if "forkserver" not in multiprocessing.get_all_start_methods():
+        return multiprocessing.get_context("spawn")
+    ctx = multiprocessing.get_context("forkserver")
+    ctx.set_forkserver_preload(["__main__", __name__])
+    return ctx
+
+
+def start_workers_early() -> None:
+    """Start the fork server now, so that it imports while the caller reads captions and plans shards.
+
+    Costs an idle process when the plan turns out to need no pool; saves its start-up when it does.
+    """
+    if _mp_context().get_start_method() == "forkserver":
+        from multiprocessing import forkserver
+
+        forkserver.ensure_running()
+
+
 def _run_processes(todo: list[ShardTask], workers: int, bar: tqdm) -> list[dict]:
     if workers <= 1:
         return [write_shard(task, progress=bar.update) for task in todo]
-    method = "forkserver" if "forkserver" in multiprocessing.get_all_start_methods() else "spawn"
     results = []
-    pool = cf.ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context(method), initializer=_init_worker)
+    pool = cf.ProcessPoolExecutor(workers, mp_context=_mp_context(), initializer=_init_worker)
     try:
         futures = [pool.submit(write_shard, task) for task in todo]
         for future in cf.as_completed(futures):

@@ -25,7 +25,7 @@ from typing import Any, Literal
 import numpy as np
 
 from itsim import config
-from itsim.data.shard_writer import ShardItem, ShardTask, make_keys, run_shards, write_shard
+from itsim.data.shard_writer import ShardItem, ShardTask, make_keys, run_shards, start_workers_early, write_shard
 from itsim.errors import UserError
 from itsim.images import DEFAULT_MAX_PIXELS, RESIZE_MODES
 from itsim.text import Vocab, normalize
@@ -309,6 +309,8 @@ def build_shards(cfg: ShardConfig) -> dict:
     Raises UserError for unusable input and FailureRateError (after writing every output) when
     more than `max_failure_rate` of the caption rows were lost.
     """
+    if cfg.engine == "processes" and cfg.workers != 1:
+        start_workers_early()  # the fork server imports its modules while this process imports pandas and plans
     from itsim.data.captions import read_captions
     from itsim.data.splits import assign_splits
 
