@@ -435,3 +435,14 @@ def test_config_file_with_flags_overriding_it(small, tmp_path, capsys):
     assert f"-> {out}" in capsys.readouterr().out
     assert cli_main(["build-shards", "--config", str(out / "build_config.yaml")]) == 0  # a repeat: all complete
     assert json.loads((out / "manifest.json").read_text())["images_written_now"] == 0
+
+
+def test_keys_that_fall_back_to_a_long_hash_still_fit_tar_member_names():
+    import hashlib
+
+    stem = "x" * 70
+    spaced = stem + " a.jpg"  # unsafe: gets `<safe>-<8 hex>` ...
+    clash = f"{stem[:60]}-{hashlib.sha1(spaced.encode()).hexdigest()[:8]}.jpg"  # ... which this clean name equals
+    keys = make_keys([spaced, clash])
+    assert len(set(keys.values())) == 2
+    assert all(len(k + ".lengths.npy") <= 100 for k in keys.values()), keys

@@ -113,7 +113,8 @@ def make_keys(names: list[str]) -> dict[str, str]:
         taken[key] = taken.get(key, 0) + 1
     for name, key in keys.items():  # a clean name that happens to look like `x-<hash>`
         if taken[key] > 1:
-            keys[name] = f"{base(name)[0] or 'img'}-{digest(name, 40)}"
+            # 47 + 1 + 40 characters: `<key>.lengths.npy` stays within USTAR's 100-character names
+            keys[name] = f"{base(name)[0][:47] or 'img'}-{digest(name, 40)}"
     return keys
 
 
