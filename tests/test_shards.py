@@ -440,9 +440,8 @@ def test_config_file_with_flags_overriding_it(small, tmp_path, capsys):
 def test_keys_that_fall_back_to_a_long_hash_still_fit_tar_member_names():
     import hashlib
 
-    stem = "x" * 70
-    spaced = stem + " a.jpg"  # unsafe: gets `<safe>-<8 hex>` ...
-    clash = f"{stem[:60]}-{hashlib.sha1(spaced.encode()).hexdigest()[:8]}.jpg"  # ... which this clean name equals
+    spaced = "x" * 49 + " a.jpg"  # unsafe: its key is `<49 x>_a-<8 hex>` ...
+    clash = f"{'x' * 49}_a-{hashlib.sha1(spaced.encode()).hexdigest()[:8]}.jpg"  # ... which this clean name equals
     keys = make_keys([spaced, clash])
     assert len(set(keys.values())) == 2
     assert all(len(k + ".lengths.npy") <= 100 for k in keys.values()), keys
