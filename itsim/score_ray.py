@@ -2,14 +2,16 @@
 
 Pipeline, following Ray's batch-inference pattern:
 read (`score_read.ScoreInputs`: stable `row_id`s, streamed blocks) -> repartition into batch-sized
-blocks (a small file is one block: without this one actor would get all the work) -> CPU tasks run
-`score.prepare_rows` (decode, resize, tokenise; bad rows get an `error`) -> a fixed pool of actors,
-each loading the model once and running `Scorer.score_prepared` -> `write_parquet`. Each row's image
-key travels with its pixels, so an actor encodes each distinct image of its batch once; the keys are
-global strings (a path, a digest of the JPEG bytes) because Ray may regroup rows between the stages.
+blocks (a small file is one block: without this one actor would get all the work) -> a fixed pool of
+actors, each loading the model once, running `score.prepare_rows` (decode, resize, tokenise; bad rows
+get an `error`) and `Scorer.score_prepared` -> `write_parquet`. An actor encodes each distinct image
+of its batch once. With GPU workers, preprocessing is a stage of CPU tasks before the actors (the GPU
+must not wait for JPEG decoding); there each row's image key travels with its pixels as a global
+string (a path, a digest of the JPEG bytes) because Ray may regroup rows between the stages. On CPU
+workers that stage would only copy every row's pixels between processes.
 
 CPU accounting matters on small machines: the actors' CPU requests are sized so at least half a CPU
-stays free for reading and preprocessing, otherwise the actors can hold every CPU while the read
+stays free for reading (and, with GPUs, preprocessing), otherwise the actors can hold every CPU while the read
 waits for one (a deadlock). Actor crashes are retried by Ray Data's own defaults for actor pools
 (`max_restarts=-1`, `max_task_retries=-1`); row errors never raise, so they are never retried.
 """
@@ -100,8 +102,9 @@ def plan_resources(cfg: ScoreConfig, cluster: dict[str, float]) -> Resources:
         cpw = float(cfg.cpus_per_worker)
     else:
         share = (cpus - 1) / workers
-        # With a GPU an actor mostly feeds it; on CPU it does the math, but leave half to preprocessing.
-        share = min(share, 1.0) if gpw > 0 else min(share, cpus / 2 / workers)
+        # With a GPU an actor mostly feeds it (CPU tasks preprocess); on CPU an actor preprocesses and
+        # scores its own rows, so the actors share every CPU but one (reading, the driver).
+        share = min(share, 1.0) if gpw > 0 else share
         cpw = max(0.25, math.floor(share * 4) / 4)
     free = cpus - workers * cpw
     if cpw <= 0 or free < 0.5:
@@ -160,18 +163,23 @@ def scorer_from_files(model_ref: list[Any], threads: int, use_gpu: bool, batch_s
 
 # --- pipeline stages ------------------------------------------------------------------------------
 
-def preprocess_block(table: pa.Table, *, pre: Preprocess, vocab: Vocab, image_col: str, caption_col: str,
-                     images_root: str | None, base_dir: str, max_pixels: int, from_bytes: bool) -> pa.Table:
-    """CPU stage: `prepare_rows` on a block; model inputs travel as extra columns to the actors."""
-    from ray.data.extensions import ArrowTensorArray
-
+def prepare_block(table: pa.Table, *, pre: Preprocess, vocab: Vocab, image_col: str, caption_col: str,
+                  images_root: str | None, base_dir: str, max_pixels: int, from_bytes: bool) -> tuple[Any, pa.Table]:
+    """`prepare_rows` on a block: (model inputs, the block without the reader's internal columns)."""
     from itsim.score import prepare_rows
     from itsim.score_read import JPG, READ_ERROR
 
     images = table.column(JPG if from_bytes else image_col).to_pylist()
     prep = prepare_rows(images, table.column(caption_col).to_pylist(), pre, vocab, images_root, max_pixels,
                         table.column(READ_ERROR).to_pylist(), base_dir)
-    out = table.drop_columns([c for c in (JPG, READ_ERROR) if c in table.column_names])
+    return prep, table.drop_columns([c for c in (JPG, READ_ERROR) if c in table.column_names])
+
+
+def preprocess_block(table: pa.Table, **prep_kwargs: Any) -> pa.Table:
+    """CPU stage before GPU actors: model inputs travel as extra columns to the actors."""
+    from ray.data.extensions import ArrowTensorArray
+
+    prep, out = prepare_block(table, **prep_kwargs)
     out = out.append_column(PIXELS, ArrowTensorArray.from_numpy(prep.pixels))
     out = out.append_column(IDS, ArrowTensorArray.from_numpy(prep.ids))
     out = out.append_column(LENGTHS, pa.array(prep.lengths, pa.int32()))
@@ -184,37 +192,54 @@ def tensor_column(table: pa.Table, name: str) -> np.ndarray:
 
 
 class ScoreActor:
-    """Loads the model once; scores prepared blocks. Output: the input columns, `score`, `error`."""
+    """Loads the model once; scores blocks. Output: the input columns, `score`, `error`.
 
-    def __init__(self, model_ref: list[Any], threads: int, use_gpu: bool, batch_size: int):
+    With `prep_kwargs` the actor preprocesses its own raw blocks (CPU workers: a separate stage would
+    only copy every row's pixels between processes, which cost a quarter of the throughput on 2
+    cores); without, it takes blocks from `preprocess_block` (GPU workers, fed by CPU tasks).
+    """
+
+    def __init__(self, model_ref: list[Any], threads: int, use_gpu: bool, batch_size: int,
+                 prep_kwargs: dict[str, Any] | None = None):
         self.scorer = scorer_from_files(model_ref, threads, use_gpu, batch_size)
+        self.prep_kwargs = prep_kwargs
 
     def __call__(self, table: pa.Table) -> pa.Table:
         from itsim.score import Prepared
 
-        errors = table.column("error").to_pylist()
-        keys = table.column(IMAGE_KEY).to_pylist() if IMAGE_KEY in table.column_names else None
-        prep = Prepared(tensor_column(table, PIXELS), tensor_column(table, IDS),
-                        table.column(LENGTHS).to_numpy(), errors, keys)
+        if self.prep_kwargs is not None:
+            prep, out = prepare_block(table, **self.prep_kwargs)
+        else:
+            keys = table.column(IMAGE_KEY).to_pylist() if IMAGE_KEY in table.column_names else None
+            prep = Prepared(tensor_column(table, PIXELS), tensor_column(table, IDS),
+                            table.column(LENGTHS).to_numpy(), table.column("error").to_pylist(), keys)
+            out = table.drop_columns([c for c in (PIXELS, IDS, LENGTHS, IMAGE_KEY, "error") if c in table.column_names])
         scores = self.scorer.score_prepared(prep)
-        out = table.drop_columns([PIXELS, IDS, LENGTHS, "error"] + ([IMAGE_KEY] if keys is not None else []))
         out = out.append_column("score", pa.array(scores, pa.float32(), mask=np.isnan(scores)))
-        return out.append_column("error", pa.array(errors, pa.string()))
+        return out.append_column("error", pa.array(prep.errors, pa.string()))
 
 
-def prepared_dataset(cfg: ScoreConfig, res: Resources, source: Any, pre: Preprocess, vocab: Vocab,
-                     from_bytes: bool) -> Any:
-    """read -> batch-sized blocks -> CPU preprocessing (the part shared by pairs and topk)."""
+def prep_kwargs(cfg: ScoreConfig, pre: Preprocess, vocab: Vocab, from_bytes: bool) -> dict[str, Any]:
+    return {"pre": pre, "vocab": vocab, "image_col": cfg.image_col, "caption_col": cfg.caption_col,
+            "images_root": str(Path(cfg.images).resolve()) if cfg.images else None, "base_dir": os.getcwd(),
+            "max_pixels": cfg.max_pixels, "from_bytes": from_bytes}
+
+
+def read_blocks(cfg: ScoreConfig, res: Resources, source: Any) -> Any:
+    """read -> batch-sized blocks (a small file is one block: without this one actor gets all the work)."""
     import ray
 
     ds = ray.data.read_datasource(source, override_num_blocks=max(1, len(source.read_plan())),
                                   num_cpus=res.read_cpus)
-    ds = ds.repartition(target_num_rows_per_block=cfg.batch_size)
-    kwargs = {"pre": pre, "vocab": vocab, "image_col": cfg.image_col, "caption_col": cfg.caption_col,
-              "images_root": str(Path(cfg.images).resolve()) if cfg.images else None, "base_dir": os.getcwd(),
-              "max_pixels": cfg.max_pixels, "from_bytes": from_bytes}
-    return ds.map_batches(preprocess_block, fn_kwargs=kwargs, batch_format="pyarrow", batch_size=cfg.batch_size,
-                          num_cpus=res.prep_cpus)
+    return ds.repartition(target_num_rows_per_block=cfg.batch_size)
+
+
+def prepared_dataset(cfg: ScoreConfig, res: Resources, source: Any, pre: Preprocess, vocab: Vocab,
+                     from_bytes: bool) -> Any:
+    """read -> batch-sized blocks -> CPU preprocessing tasks (GPU scoring and topk)."""
+    return read_blocks(cfg, res, source).map_batches(
+        preprocess_block, fn_kwargs=prep_kwargs(cfg, pre, vocab, from_bytes), batch_format="pyarrow",
+        batch_size=cfg.batch_size, num_cpus=res.prep_cpus)
 
 
 def actor_options(res: Resources) -> dict[str, Any]:
@@ -261,10 +286,15 @@ def count_output(out: Path) -> dict[str, Any]:
 
 def run_pairs(cfg: ScoreConfig, res: Resources, source: Any, pre: Preprocess, vocab: Vocab,
               model_ref: list[Any], out: Path) -> dict[str, Any]:
-    ds = prepared_dataset(cfg, res, source, pre, vocab, from_bytes=source.fmt == "shards")
+    from_bytes = source.fmt == "shards"
+    if res.gpus_per_worker > 0:  # CPU tasks decode while the GPUs score
+        ds, actor_prep = prepared_dataset(cfg, res, source, pre, vocab, from_bytes), None
+    else:  # each CPU actor preprocesses its own rows
+        ds, actor_prep = read_blocks(cfg, res, source), prep_kwargs(cfg, pre, vocab, from_bytes)
     ds = ds.map_batches(ScoreActor, fn_constructor_kwargs={
         "model_ref": model_ref, "threads": res.threads, "use_gpu": res.gpus_per_worker > 0,
-        "batch_size": cfg.batch_size}, batch_format="pyarrow", batch_size=cfg.batch_size, **actor_options(res))
+        "batch_size": cfg.batch_size, "prep_kwargs": actor_prep}, batch_format="pyarrow",
+        batch_size=cfg.batch_size, **actor_options(res))
     ds.write_parquet(str(out), min_rows_per_file=max(cfg.batch_size, 100_000))
     return count_output(out)
 
