@@ -28,10 +28,10 @@ from pathlib import Path
 import common
 
 # mode -> (images, rows, image size, repeats, memory row counts)
-# Full: 8,192 rows (32 blocks of 256), so that a job's fixed cost (actor start, model load, about
+# Full: 20,480 rows (80 blocks of 256), so that a job's fixed cost (actor start, model load, about
 # 2-5 s) is a small part of it, as for the large sets the Ray job is for.
 SIZES = {"tiny": (20, 100, 32, 1, (200, 400)), "quick": (100, 1024, 128, 1, (2_000, 20_000)),
-         "full": (200, 8192, 128, 2, (20_000, 200_000))}
+         "full": (200, 20_480, 128, 2, (20_000, 200_000))}
 BATCH = 256
 MEMORY_BATCH = 1024  # fewer, larger blocks: 200,000 rows in minutes; the driver's memory does not scale with it
 
