@@ -175,16 +175,11 @@ def save(accelerator, directory: str | Path, step: int, state: dict[str, Any], k
                 shutil.rmtree(old, ignore_errors=True)
             for stale in directory.glob(".tmp-step_*"):
                 shutil.rmtree(stale, ignore_errors=True)
-    if _any_rank(accelerator, error is not None):
+    from itsim.train_runtime import any_rank
+
+    if any_rank(accelerator, error is not None):
         if isinstance(error, CheckpointError):
             raise error
         why = _why(error, directory) if error is not None else "failed on another rank"
         raise CheckpointError(f"could not write checkpoint {final.name}: {why}; earlier checkpoints kept")
     return final
-
-
-def _any_rank(accelerator, flag: bool) -> bool:
-    """True on every rank when `flag` is true on any rank (so all ranks stop together)."""
-    import torch
-
-    return bool(accelerator.gather(torch.tensor([int(flag)], device=accelerator.device)).max().item())

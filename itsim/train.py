@@ -12,11 +12,9 @@ import json
 import logging
 import math
 import os
-import signal
 import sys
 import time
 from dataclasses import dataclass, field
-from datetime import timedelta
 from pathlib import Path
 from typing import Any, Literal
 
@@ -30,6 +28,8 @@ from itsim.errors import UserError
 from itsim.model import ItsimModel, ModelConfig, Preprocess, count_parameters, images_to_float, save_model
 from itsim.objective import step_loss
 from itsim.text import Vocab
+from itsim.train_runtime import (StopFlag, any_rank, cpu_threads, looks_like_peer_failure, make_accelerator,
+                                 param_checksum)
 from itsim.validate import ValidationSet
 
 log = logging.getLogger("itsim.train")
@@ -104,71 +104,6 @@ def lr_at(step: int, cfg: TrainConfig, total: int) -> float:
     return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
-class StopFlag:
-    """Set by SIGTERM/SIGINT: finish the step, checkpoint, exit 0 (preemptible clusters)."""
-
-    def __init__(self) -> None:
-        self.raised = False
-        self._old = {}
-
-    def install(self) -> "StopFlag":
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            self._old[sig] = signal.signal(sig, self._handle)
-        return self
-
-    def _handle(self, signum, frame) -> None:
-        if not self.raised:
-            log.warning("received %s: finishing this step, then checkpointing", signal.Signals(signum).name)
-        self.raised = True
-
-    def restore(self) -> None:
-        for sig, old in self._old.items():
-            signal.signal(sig, old)
-
-
-def _mixed_precision(cfg: TrainConfig) -> str:
-    if cfg.mixed_precision != "auto":
-        return cfg.mixed_precision
-    cpu_only = os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true") or not torch.cuda.is_available()
-    return "no" if cpu_only else "bf16"
-
-
-def _make_accelerator(cfg: TrainConfig):
-    from accelerate import Accelerator
-    from accelerate.utils import InitProcessGroupKwargs, ProjectConfiguration
-
-    trackers = None
-    if cfg.tensorboard:
-        import importlib.util
-
-        if importlib.util.find_spec("tensorboard") or importlib.util.find_spec("tensorboardX"):
-            trackers = "tensorboard"
-    mp = _mixed_precision(cfg)
-    if int(os.environ.get("WORLD_SIZE", "1")) == 1:
-        # Accelerate keeps process-wide state; a second in-process run (tests, notebooks, the demo)
-        # with other settings would otherwise be refused.
-        from accelerate.state import AcceleratorState
-
-        AcceleratorState._reset_state(reset_partial_state=True)
-    accelerator = Accelerator(
-        mixed_precision=mp,
-        gradient_accumulation_steps=cfg.grad_accum,
-        log_with=trackers,
-        project_config=ProjectConfiguration(project_dir=cfg.out, logging_dir=str(Path(cfg.out) / "tb")),
-        kwargs_handlers=[InitProcessGroupKwargs(timeout=timedelta(seconds=cfg.dist_timeout))],
-    )
-    world_env = int(os.environ.get("WORLD_SIZE", "1"))
-    if world_env > 1 and accelerator.num_processes == 1:
-        raise UserError(
-            f"WORLD_SIZE={world_env} but Accelerate sees one process: the processes would train alone and "
-            "write the same checkpoints. On CPU launch with ACCELERATE_USE_CPU=1 (see launch/README.md).")
-    if "MASTER_PORT" in os.environ and "WORLD_SIZE" not in os.environ and accelerator.num_processes == 1:
-        # `accelerate launch --cpu --num_machines N` starts N unconnected single-process trainings.
-        raise UserError("a distributed launch (MASTER_PORT is set) started a single-process training: "
-                        "on CPU use ACCELERATE_USE_CPU=1 with --multi_gpu (see launch/README.md)")
-    return accelerator, trackers
-
-
 def train(cfg: TrainConfig) -> dict[str, Any]:
     """Train, checkpoint, validate, export `RUN/model/`; returns the final summary."""
     from accelerate.utils import set_seed
@@ -189,7 +124,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     vocab = Vocab.load(Path(cfg.shards) / "vocab.json")
     aug_ops = parse_ops(cfg.augment)
 
-    accelerator, trackers = _make_accelerator(cfg)
+    accelerator, trackers = make_accelerator(cfg)
     out = Path(cfg.out)
     if accelerator.is_main_process:
         out.mkdir(parents=True, exist_ok=True)
@@ -199,7 +134,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
                  accelerator.distributed_type, accelerator.num_processes, accelerator.device, accelerator.mixed_precision)
     set_seed(cfg.seed)
     if accelerator.device.type == "cpu":
-        torch.set_num_threads(_cpu_threads(cfg, int(os.environ.get("LOCAL_WORLD_SIZE", accelerator.num_processes))))
+        torch.set_num_threads(cpu_threads(cfg, int(os.environ.get("LOCAL_WORLD_SIZE", accelerator.num_processes))))
     model = ItsimModel(cfg.model_config(len(vocab)))
     if cfg.channels_last:
         model = model.to(memory_format=torch.channels_last)
@@ -328,7 +263,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
                 record({"step": step, **last_val})
                 log.info("step %d: %s", step, ", ".join(f"{k} {v:.4f}" for k, v in last_val.items()))
                 model.train()
-            should_stop = _any_rank(accelerator, stop.raised)
+            should_stop = any_rank(accelerator, stop.raised)
             if step % cfg.checkpoint_every == 0 or step == total or should_stop:
                 save_checkpoint()
             if should_stop:
@@ -337,7 +272,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     except checkpoint.CheckpointError as exc:
         raise UserError(str(exc)) from None
     except RuntimeError as exc:
-        if accelerator.num_processes > 1 and _looks_like_peer_failure(exc):
+        if accelerator.num_processes > 1 and looks_like_peer_failure(exc):
             raise UserError(f"rank {accelerator.process_index}: a collective failed, another rank probably died "
                             f"({str(exc).splitlines()[0][:200]})") from None
         raise
@@ -348,7 +283,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         if metrics_file:
             metrics_file.close()
         if audit_file:
-            audit_file.write(json.dumps({"final_step": step, "param_checksum": _checksum(model)}) + "\n")
+            audit_file.write(json.dumps({"final_step": step, "param_checksum": param_checksum(model)}) + "\n")
             audit_file.close()
 
     summary = {"step": step, "total_steps": total, "stopped_early": step < total, **last_val}
@@ -362,47 +297,6 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     if trackers:
         accelerator.end_training()
     return summary
-
-
-def _cpu_threads(cfg: TrainConfig, local_processes: int) -> int:
-    """Compute threads per rank: --threads, else OMP_NUM_THREADS (what launchers and users set), else
-    the cores divided among the local ranks. DataLoader workers are not subtracted: they sleep once
-    their prefetch queue is full (data wait under 1% of a step here), and leaving a core to them cost
-    a third of the steps/s on a quiet 2-core machine. On a machine shared with busy neighbours,
-    OpenMP threads spin-wait for a busy core (steps 5-10x slower, measured): use --threads 1 there."""
-    if cfg.threads > 0:
-        return cfg.threads
-    omp = os.environ.get("OMP_NUM_THREADS", "").strip()
-    if omp.isdigit() and int(omp) > 0:
-        return int(omp)
-    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    return max(1, cpus // max(1, local_processes))
-
-
-def _checksum(model: torch.nn.Module) -> str:
-    """SHA-256 of every parameter's bytes: equal on all ranks when DDP keeps them in sync.
-
-    Buffers (BatchNorm running statistics) are left out: each rank updates them from its own last
-    batch, and DDP re-broadcasts rank 0's at the next forward.
-    """
-    import hashlib
-
-    h = hashlib.sha256()
-    for name, p in sorted(model.named_parameters()):
-        h.update(name.encode())
-        h.update(p.detach().cpu().contiguous().numpy().tobytes())
-    return h.hexdigest()
-
-
-def _any_rank(accelerator, flag: bool) -> bool:
-    if accelerator.num_processes == 1:
-        return flag
-    return bool(accelerator.gather(torch.tensor([int(flag)], device=accelerator.device)).max().item())
-
-
-def _looks_like_peer_failure(exc: BaseException) -> bool:
-    text = str(exc).lower()
-    return any(s in text for s in ("connection", "gloo", "nccl", "timed out", "timeout", "peer", "broken pipe"))
 
 
 def _cli(args: argparse.Namespace) -> int:

@@ -222,7 +222,8 @@ def test_score_matrix_equals_the_head_on_every_pair(fusion):
 
 
 def test_cpu_threads_come_from_the_flag_then_omp_num_threads_then_the_cores_per_rank(monkeypatch):
-    from itsim.train import TrainConfig, _cpu_threads
+    from itsim.train import TrainConfig
+    from itsim.train_runtime import cpu_threads as _cpu_threads
 
     cpus = len(os.sched_getaffinity(0))
     assert _cpu_threads(TrainConfig(threads=3), 1) == 3
