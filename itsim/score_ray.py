@@ -210,10 +210,9 @@ class ScoreActor:
         if self.prep_kwargs is not None:
             prep, out = prepare_block(table, **self.prep_kwargs)
         else:
-            keys = table.column(IMAGE_KEY).to_pylist() if IMAGE_KEY in table.column_names else None
-            prep = Prepared(tensor_column(table, PIXELS), tensor_column(table, IDS),
-                            table.column(LENGTHS).to_numpy(), table.column("error").to_pylist(), keys)
-            out = table.drop_columns([c for c in (PIXELS, IDS, LENGTHS, IMAGE_KEY, "error") if c in table.column_names])
+            prep = Prepared(tensor_column(table, PIXELS), tensor_column(table, IDS), table.column(LENGTHS).to_numpy(),
+                            table.column("error").to_pylist(), table.column(IMAGE_KEY).to_pylist())
+            out = table.drop_columns([PIXELS, IDS, LENGTHS, IMAGE_KEY, "error"])
         scores = self.scorer.score_prepared(prep)
         out = out.append_column("score", pa.array(scores, pa.float32(), mask=np.isnan(scores)))
         return out.append_column("error", pa.array(prep.errors, pa.string()))
@@ -236,7 +235,7 @@ def read_blocks(cfg: ScoreConfig, res: Resources, source: Any) -> Any:
 
 def prepared_dataset(cfg: ScoreConfig, res: Resources, source: Any, pre: Preprocess, vocab: Vocab,
                      from_bytes: bool) -> Any:
-    """read -> batch-sized blocks -> CPU preprocessing tasks (GPU scoring and topk)."""
+    """read -> batch-sized blocks -> CPU preprocessing tasks (in front of GPU actors)."""
     return read_blocks(cfg, res, source).map_batches(
         preprocess_block, fn_kwargs=prep_kwargs(cfg, pre, vocab, from_bytes), batch_format="pyarrow",
         batch_size=cfg.batch_size, num_cpus=res.prep_cpus)

@@ -78,7 +78,7 @@ def balanced_pairs(caps: StepCaptions, key_ids: torch.Tensor, gen: torch.Generat
     return Pairs(caps.image, text, (~negative).float(), torch.full((n,), 1.0 / max(1, n)))
 
 
-def in_batch_negatives(scores: torch.Tensor, valid: torch.Tensor, k: int, mode: str,
+def in_batch_negatives(scores: torch.Tensor | None, valid: torch.Tensor, k: int, mode: str,
                        gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
     """(indices [B, k], usable [B, k]): for each image, k captions among the `valid` ones [B, N].
 
@@ -87,6 +87,8 @@ def in_batch_negatives(scores: torch.Tensor, valid: torch.Tensor, k: int, mode: 
     """
     k = max(1, min(k, valid.shape[1]))
     if mode == "hard":
+        if scores is None:
+            raise ValueError("hard negatives need the step's scores")
         ranked = scores.detach().float().masked_fill(~valid, float("-inf"))
     elif mode == "random":
         ranked = torch.rand(valid.shape, generator=gen).masked_fill(~valid, float("-inf"))
@@ -102,9 +104,7 @@ def in_batch_pairs(caps: StepCaptions, key_ids: torch.Tensor, k: int, mode: str,
     other images (negatives, the other half). `scores` [B, N] is needed for mode "hard"."""
     b, n = key_ids.shape[0], caps.image.shape[0]
     valid = key_ids[:, None] != key_ids[caps.image][None, :]
-    if mode == "hard" and scores is None:
-        raise ValueError("hard negatives need the step's scores")
-    neg, usable = in_batch_negatives(scores if scores is not None else torch.zeros(0), valid, k, mode, gen)
+    neg, usable = in_batch_negatives(scores, valid, k, mode, gen)
     usable = usable.reshape(-1)
     n_neg = int(usable.sum())
     pos_w = torch.full((n,), 0.5 / max(1, n))

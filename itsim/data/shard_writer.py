@@ -118,21 +118,10 @@ def make_keys(names: list[str]) -> dict[str, str]:
     return keys
 
 
-def _npy_bytes(array: np.ndarray, headers: dict[tuple[str, tuple[int, ...]], bytes]) -> bytes:
-    """`np.save` bytes of a C-contiguous array; the header is made once per dtype and shape.
-
-    `headers` is the caller's cache (one per shard): every caption count of a shard shares a header.
-    """
-    array = np.ascontiguousarray(array)
-    key = (array.dtype.str, array.shape)
-    header = headers.get(key)
-    if header is None:
-        buf = io.BytesIO()
-        np.save(buf, array, allow_pickle=False)
-        data = buf.getvalue()
-        headers[key] = data[: len(data) - array.nbytes]
-        return data
-    return header + array.tobytes()
+def _npy_bytes(array: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    np.save(buf, array, allow_pickle=False)
+    return buf.getvalue()
 
 
 def _tarinfo(name: str, size: int) -> tarfile.TarInfo:
@@ -239,7 +228,6 @@ def write_shard(task: ShardTask, progress: Callable[[int], None] | None = None) 
     start = time.perf_counter()
     vocab = Vocab(task.vocab_words)
     root = Path(task.images_root).resolve()  # once per shard, not per image (safe_path would redo it)
-    npy_headers: dict[tuple[str, tuple[int, ...]], bytes] = {}
     task.stats_path.unlink(missing_ok=True)  # a stale stats file must never vouch for a new tar
     tmp = _temp_name(task.tar_path)
     failures: list[dict] = []
@@ -262,10 +250,10 @@ def write_shard(task: ShardTask, progress: Callable[[int], None] | None = None) 
                     meta = {"image": item.image, "captions": list(item.captions),
                             "caption_idx": list(item.caption_idx), "split": task.split, "source": task.source}
                     # Sorted extensions, as webdataset's TarWriter orders them.
-                    tar.add([(f"{item.key}.ids.npy", _npy_bytes(ids, npy_headers)),
+                    tar.add([(f"{item.key}.ids.npy", _npy_bytes(ids)),
                              (f"{item.key}.jpg", jpg),
                              (f"{item.key}.json", json.dumps(meta, ensure_ascii=False).encode()),
-                             (f"{item.key}.lengths.npy", _npy_bytes(lengths, npy_headers))])
+                             (f"{item.key}.lengths.npy", _npy_bytes(lengths))])
                     images_ok += 1
                     captions += len(item.captions)
                 if progress is not None:
