@@ -412,7 +412,8 @@ def test_ray_scoring_completes_with_every_row_once_after_an_actor_is_killed(ray_
 
     from itsim.score_ray import ScoreConfig, run_score
 
-    n_rows = 480
+    n_rows = 1920  # 120 blocks: work is left for a replacement actor after the kill (an actor that also
+    # decodes its own rows gets through 480 rows within the wait before the kill on a quiet machine)
     images, pairs, model_dir = _score_inputs(tmp_path, n_rows)
     socket_name = ray_local.nodes()[0]["RayletSocketName"]
     raylet = next(p for p in psutil.process_iter(["cmdline"])
@@ -426,16 +427,17 @@ def test_ray_scoring_completes_with_every_row_once_after_an_actor_is_killed(ray_
         except BaseException as exc:  # noqa: BLE001 - reported by the assertions below
             result["error"] = exc
 
+    earlier = {a.pid for a in _actors(raylet)}  # actors of earlier jobs in this Ray session, still exiting
     thread = threading.Thread(target=job)
     thread.start()
     deadline = time.monotonic() + 180
     victim, replacements = None, set()
     while thread.is_alive() and time.monotonic() < deadline:
-        actors = _actors(raylet)
+        actors = [a for a in _actors(raylet) if a.pid not in earlier]
         if victim is None:
             busy = [a for a in actors if a.cmdline()[0].endswith(".submit")]  # scoring a block now
             if busy:
-                time.sleep(random.Random(7).uniform(0.3, 1.0))
+                time.sleep(random.Random(7).uniform(0.2, 0.5))
                 assert thread.is_alive(), "the job finished before the kill; the test proves nothing"
                 victim = busy[0]
                 victim.kill()
