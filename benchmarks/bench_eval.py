@@ -27,7 +27,7 @@ BASELINE_BATCH = 64
 
 def captions(n_images: int, per_image: int, seed: int = 0) -> list[str]:
     """Synthetic captions (no pixels drawn): the same generator as the demo data."""
-    from itsim.data.synth import make_captions, make_scene
+    from itsim.data.synth.writer import make_captions, make_scene
 
     out = []
     for i in range(n_images):
@@ -39,7 +39,7 @@ def captions(n_images: int, per_image: int, seed: int = 0) -> list[str]:
 def main(argv: list[str] | None = None) -> int:
     import torch
 
-    from itsim.evaluate import score_all_pairs
+    from itsim.model import score_all_pairs
     from itsim.model import ItsimModel, ModelConfig, encode_captions, encode_images
     from itsim.text import Vocab
 

@@ -92,7 +92,7 @@ def in_process(model: Path, csv: Path, images: Path, out: Path, threads: int | N
 
 
 def ray_job(model: Path, csv: Path, images: Path, out: Path, workers: int) -> int:
-    from itsim.score_ray import ScoreConfig, run_score
+    from itsim.score.ray_job import ScoreConfig, run_score
 
     summary = run_score(ScoreConfig(model=str(model), input=(str(csv),), output=str(out), images=str(images),
                                     workers=workers, batch_size=BATCH, overwrite=True))

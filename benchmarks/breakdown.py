@@ -35,8 +35,8 @@ def best_ms(fn: Callable[[], Any], n_items: int, repeats: int) -> list[float]:
 
 def shards(rec: common.Recorder, data: Path, repeats: int) -> None:
     from itsim.data.captions import read_captions
-    from itsim.data.shard_writer import write_shard
-    from itsim.data.shards import ShardConfig, _checked, build_shards, plan_shards
+    from itsim.data.shards.writer import write_shard
+    from itsim.data.shards.build import ShardConfig, _checked, build_shards, plan_shards
     from itsim.data.splits import assign_splits
     from itsim.images import encode_jpeg, load_image, safe_path
     from itsim.text import Vocab

@@ -10,7 +10,7 @@ batches gathered there; `--resident-images` tiles the decoded images up to a dat
 Flickr30k at 299 px is 31,783 images, about 8.5 GB) or `loader` (the project's shard loader with
 `--loader-workers` processes, pinned memory), `cl` (channels_last) and `compile` (`torch.compile` of
 the image encoder and head, as `itsim train --compile`). The step is the trainer's: `images_to_float`,
-`itsim.objective.step_loss` (the trainer's own step), AdamW, clipping, and a
+`itsim.train.objective.step_loss` (the trainer's own step), AdamW, clipping, and a
 `loss.item()` per step as the trainer logs it.
 
 `--device cpu --tiny` runs the whole script at a tiny size on a CPU (a test; numbers mean nothing).
@@ -106,7 +106,7 @@ def train_step(model: Any, optimizer: Any, batch: dict, cfg: Any, step: int, set
 
     from itsim.data.pairs import step_generator
     from itsim.model import images_to_float
-    from itsim.objective import step_loss
+    from itsim.train.objective import step_loss
 
     gen = step_generator(0, step, 0)
     autocast = torch.autocast(setup.device.type, dtype=setup.dtype) if setup.dtype != torch.float32 \

@@ -3,7 +3,7 @@
 Public API (imported lazily so `import itsim` stays cheap):
     Scorer, load_model, save_model, build_shards, train_model, evaluate_model
 
-`train_model`/`evaluate_model` are `itsim.train.train`/`itsim.evaluate.evaluate` under names that do not
+`train_model`/`evaluate_model` are `itsim.train.train`/`itsim.eval.evaluate.evaluate` under names that do not
 collide with their modules (importing `itsim.train` rebinds the package attribute `train`).
 """
 from __future__ import annotations
@@ -19,7 +19,7 @@ _LAZY = {
     "save_model": "itsim.model",
     "build_shards": "itsim.data.shards",
     "train_model": ("itsim.train", "train"),
-    "evaluate_model": ("itsim.evaluate", "evaluate"),
+    "evaluate_model": ("itsim.eval", "evaluate"),
 }
 
 

@@ -16,8 +16,8 @@ COMMANDS = {
     "synth": "itsim.data.synth",
     "build-shards": "itsim.data.shards",
     "train": "itsim.train",
-    "eval": "itsim.evaluate",
-    "score": "itsim.score",
+    "eval": "itsim.eval",
+    "score": "itsim.score.ray_job",
     "demo": "itsim.demo",
 }
 

@@ -17,6 +17,8 @@ from typing import Any, TypeVar
 
 import yaml
 
+from itsim.errors import UserError
+
 T = TypeVar("T")
 
 
@@ -113,8 +115,6 @@ def from_args(cls: type[T], args: argparse.Namespace) -> T:
 
     Any problem with the file or a value is a UserError: one clear line for the user, no traceback.
     """
-    from itsim.errors import UserError
-
     names = {f.name for f in dataclasses.fields(cls)}
     overrides = {k: v for k, v in vars(args).items() if k in names}
     try:
@@ -145,3 +145,12 @@ def describe(cfg: Any) -> str:
 def save(cfg: Any, path: str | Path) -> None:
     """YAML beside the outputs; loadable again with `--config`."""
     Path(path).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+
+
+def check(cfg: Any, required: tuple[str, ...] = (), rules: list[tuple[bool, str]] | None = None) -> None:
+    """Every command's input check: one UserError listing each missing flag and each broken rule
+    (`(ok, message)`), so a user fixes them all in one go instead of one per run."""
+    problems = [f"--{name.replace('_', '-')} is required" for name in required if not getattr(cfg, name)]
+    problems += [message for ok, message in rules or () if not ok]
+    if problems:
+        raise UserError("; ".join(problems))

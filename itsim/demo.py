@@ -16,6 +16,10 @@ from pathlib import Path
 from typing import Any
 
 from itsim import config
+from itsim.data import shards, synth
+from itsim.eval import EvalConfig, evaluate
+from itsim.score.ray_job import ScoreConfig, run_score
+from itsim.train import TrainConfig, train
 
 log = logging.getLogger("itsim.demo")
 
@@ -44,10 +48,6 @@ def _stage(name: str) -> float:
 
 
 def run(cfg: DemoConfig) -> dict[str, Any]:
-    from itsim.data import shards, synth
-    from itsim.evaluate import EvalConfig, evaluate
-    from itsim.train import TrainConfig, train
-
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     config.save(cfg, out / "demo_config.yaml")
@@ -89,8 +89,6 @@ def run(cfg: DemoConfig) -> dict[str, Any]:
     timings["eval_s"] = time.perf_counter() - t
 
     t = _stage("5/5 score the test split's image-caption pairs with the Ray job")
-    from itsim.score_ray import ScoreConfig, run_score
-
     score_dir = out / "scores"
     score_summary = run_score(ScoreConfig(model=str(run_dir / "model"), input=(str(shard_dir),), format="shards",
                                           split="test", output=str(score_dir), overwrite=True))

@@ -14,6 +14,8 @@ from typing import Iterable, Sequence
 
 import numpy as np
 
+from itsim.io import atomic_write
+
 PAD_ID = 0
 UNK_ID = 1
 _NON_ALNUM = re.compile(r"[^a-z0-9]+")
@@ -72,11 +74,8 @@ class Vocab:
             lengths[row] = len(toks)
         return ids, lengths
 
-    def decode(self, ids: Sequence[int]) -> str:
-        return " ".join(self.words[i] for i in ids if i != PAD_ID)
-
     def save(self, path: str | Path) -> None:
-        Path(path).write_text(json.dumps({"words": self.words, "hash": self.hash}))
+        atomic_write(path, json.dumps({"words": self.words, "hash": self.hash}))
 
     @classmethod
     def load(cls, path: str | Path) -> "Vocab":

@@ -111,7 +111,7 @@ def _read(out: Path) -> pd.DataFrame:
 
 @pytest.fixture(scope="module")
 def scored(corpus, model_dir, ray_local, tmp_path_factory) -> tuple[pd.DataFrame, dict]:
-    from itsim.score_ray import ScoreConfig, run_score
+    from itsim.score.ray_job import ScoreConfig, run_score
 
     out = tmp_path_factory.mktemp("bad_score") / "out"
     summary = run_score(ScoreConfig(model=str(model_dir), input=(str(corpus.pairs),), output=str(out),
@@ -156,7 +156,7 @@ def test_score_keeps_every_row_and_malformed_lines_become_error_rows(scored):
 @pytest.mark.timeout(300)
 @pytest.mark.parametrize("where", ["early", "late"])
 def test_score_a_csv_with_a_non_utf8_byte_keeps_every_row(corpus, model_dir, ray_local, tmp_path, where):
-    from itsim.score_ray import ScoreConfig, run_score
+    from itsim.score.ray_job import ScoreConfig, run_score
 
     path = corpus.latin1 if where == "early" else corpus.latin1_late
     n_rows = len(path.read_bytes().splitlines()) - 1
@@ -172,7 +172,7 @@ def test_score_a_csv_with_a_non_utf8_byte_keeps_every_row(corpus, model_dir, ray
 def test_score_replaces_bad_bytes_in_a_header_a_caption_and_a_malformed_line(corpus, model_dir, ray_local, tmp_path):
     """pyarrow decodes a malformed line's text before our handler sees it, so one bad byte there
     would fail the job even with text columns read as binary; the reader makes the bytes valid first."""
-    from itsim.score_ray import ScoreConfig, run_score
+    from itsim.score.ray_job import ScoreConfig, run_score
 
     path = tmp_path / "bytes.csv"
     path.write_bytes(b"image,caption,n\xf6te\n"
@@ -193,7 +193,7 @@ def test_score_replaces_bad_bytes_in_a_header_a_caption_and_a_malformed_line(cor
 
 def test_utf8_replaced_stream_equals_decoding_the_whole_file_with_replace(tmp_path):
     """Characters split across reads, bad bytes, and a sequence cut at the end of the file."""
-    from itsim.score_read import Utf8Replaced
+    from itsim.score.read import Utf8Replaced
 
     raw = "é".encode() * 5 + b"\xff" + "漢字 \ufffd".encode() + b"\xe9x" + "€".encode()[:2]
     path = tmp_path / "mixed.csv"

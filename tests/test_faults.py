@@ -1,8 +1,8 @@
 """Faults as they happen in production: real processes, real signals, real files, a real full disk.
 
 Already covered elsewhere (not repeated here): one SIGKILL then exact resume, SIGTERM checkpoint,
-truncated/garbage newest checkpoint fallback and `--resume PATH` errors (tests/test_train.py);
-shard builder killed mid-build then identical output (tests/test_shards.py).
+truncated/garbage newest checkpoint fallback and `--resume PATH` errors (tests/train/test_train.py);
+shard builder killed mid-build then identical output (tests/data/test_shards.py).
 """
 from __future__ import annotations
 
@@ -26,7 +26,7 @@ import pytest
 from safetensors.torch import load_file
 
 from conftest import TINY_MODEL
-from itsim import checkpoint
+from itsim.train import checkpoint
 from itsim.cli import main as cli_main
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -410,7 +410,7 @@ def test_ray_scoring_completes_with_every_row_once_after_an_actor_is_killed(ray_
     import pandas as pd
     import psutil
 
-    from itsim.score_ray import ScoreConfig, run_score
+    from itsim.score.ray_job import ScoreConfig, run_score
 
     n_rows = 1920  # 120 blocks: work is left for a replacement actor after the kill (an actor that also
     # decodes its own rows gets through 480 rows within the wait before the kill on a quiet machine)
@@ -510,7 +510,7 @@ def test_scoring_damaged_shards_keeps_readable_rows_and_records_the_rest(damaged
     import torch
 
     from itsim.model import ItsimModel, ModelConfig, Preprocess, save_model
-    from itsim.score_ray import ScoreConfig, run_score
+    from itsim.score.ray_job import ScoreConfig, run_score
     from itsim.text import Vocab
 
     folder = damaged_shards["folder"]
@@ -563,7 +563,7 @@ def test_scorer_records_a_shard_whose_middle_header_is_corrupt(header_damaged_sh
     import torch
 
     from itsim.model import ItsimModel, ModelConfig, Preprocess, save_model
-    from itsim.score_ray import ScoreConfig, run_score
+    from itsim.score.ray_job import ScoreConfig, run_score
     from itsim.text import Vocab
 
     vocab = Vocab.load(header_damaged_shard.parent / "vocab.json")
@@ -595,7 +595,7 @@ def _end_problem(data: bytes) -> tuple[int, str | None]:
     """Members tarfile yields in stream mode, and what `tar_end_problem` says after them."""
     import io
 
-    from itsim.data.loader import tar_end_problem
+    from itsim.data.shards.tar import tar_end_problem
 
     with tarfile.open(fileobj=io.BytesIO(data), mode="r|*") as tar:
         n = sum(1 for _ in tar)
@@ -651,7 +651,7 @@ def test_scorer_reader_keeps_the_rows_before_a_corrupt_header_then_one_bad_shard
                                                                                       tiny_shards):
     import pyarrow as pa
 
-    from itsim.score_read import READ_ERROR, ScoreInputs
+    from itsim.score.read import READ_ERROR, ScoreInputs
 
     with tarfile.open(tiny_shards / header_damaged_shard.name) as tar:
         members = tar.getmembers()

@@ -20,7 +20,8 @@ import pytest
 import yaml
 
 from conftest import TINY_MODEL
-from itsim import checkpoint, config
+from itsim import config
+from itsim.train import checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
 LAUNCH = ROOT / "launch"

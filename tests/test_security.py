@@ -22,7 +22,7 @@ import pytest
 import torch
 
 from badcorpus import png_bomb, smooth, tiff_without_second_frame_size
-from itsim import checkpoint
+from itsim.train import checkpoint
 from itsim.errors import UserError
 from itsim.images import encode_jpeg, load_image
 from itsim.model import ItsimModel, ModelConfig, Preprocess, load_model, save_model
@@ -242,7 +242,7 @@ def test_read_split_skips_payloads_and_the_bomb(hostile, caplog):
 
 
 def test_evaluate_shards_and_pair_file_never_unpickle_escape_or_decode_bombs(hostile, tmp_path):
-    from itsim.evaluate import EvalConfig, evaluate
+    from itsim.eval.evaluate import EvalConfig, evaluate
 
     model_dir = tiny_model_dir(tmp_path / "model", hostile["vocab"])
     images = tmp_path / "images"
@@ -274,7 +274,7 @@ def test_evaluate_shards_and_pair_file_never_unpickle_escape_or_decode_bombs(hos
 def test_scorer_shard_input_never_unpickles_and_refuses_the_bomb(hostile, ray_local, tmp_path):
     import pandas as pd
 
-    from itsim.score_ray import ScoreConfig, run_score
+    from itsim.score.ray_job import ScoreConfig, run_score
 
     model_dir = tiny_model_dir(tmp_path / "model", hostile["vocab"])
     summary = run_score(ScoreConfig(model=str(model_dir), input=(str(hostile["folder"]),), split="test",

@@ -16,7 +16,7 @@ never even read.
 
 Damaged shards: tarfile ends its iteration without an error at an invalid header in the middle of a
 shard, or at a file cut on a header boundary, so `_tar_files` checks that each tar really ended
-(`tar_end_problem`) and reports the rest of the shard as unreadable shard data.
+(`shards.tar.tar_end_problem`) and reports the rest of the shard as unreadable shard data.
 """
 from __future__ import annotations
 
@@ -25,7 +25,6 @@ import io
 import json
 import logging
 import random
-import tarfile
 from dataclasses import dataclass
 from itertools import islice
 from pathlib import Path
@@ -37,8 +36,9 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from webdataset.filters import _shuffle
 from webdataset.tariterators import group_by_keys, url_opener
 
+from itsim.data.shards.tar import iter_members
 from itsim.errors import UserError
-from itsim.images import DEFAULT_MAX_PIXELS, ImageError, decode_rgb
+from itsim.images import DEFAULT_MAX_PIXELS, ImageError, decode_rgb, safe_path
 
 log = logging.getLogger(__name__)
 
@@ -57,8 +57,6 @@ def read_manifest(shard_dir: str | Path) -> dict[str, Any]:
 
 def split_shards(shard_dir: str | Path, split: str) -> list[str]:
     """Paths of one split's shards as listed in the manifest; missing files or escaping names are errors."""
-    from itsim.images import safe_path
-
     splits = read_manifest(shard_dir).get("splits") or {}
     names = (splits.get(split) or {}).get("shards") or []
     try:
@@ -87,37 +85,14 @@ def _select(name: str) -> bool:
     return "." in base and base.split(".", 1)[1].lower() in SAMPLE_KEYS
 
 
-def tar_end_problem(tar: tarfile.TarFile) -> str | None:
-    """Why a stream-mode tar (`mode="r|*"`) that has just run out of members did not really end, or None.
-
-    tarfile stops without raising at an invalid header after the first member, and at a file cut on a
-    header boundary, which silently drops the rest of a shard. A real end is a zero block followed by
-    nothing but zeros. This reads on from where tarfile stopped and stops at the first non-zero chunk,
-    so it costs at most the archive's end padding (one 10 KiB record) on a healthy shard.
-    """
-    stream = tar.fileobj  # tarfile's _Stream: `pos` counts the bytes it has consumed
-    if stream.pos - tar.offset < tarfile.BLOCKSIZE:
-        return f"cut off at byte {stream.pos} (no end-of-archive marker)"
-    while chunk := stream.read(tarfile.RECORDSIZE):
-        if chunk.strip(b"\0"):
-            return f"invalid tar header at byte {tar.offset}; the rest of the shard cannot be read"
-    return None
-
-
 def _tar_files(sources: Iterator[dict[str, Any]], handler: Any) -> Iterator[dict[str, Any]]:
     """webdataset's `tar_file_expander` with `_select`, plus the end check, and one handler call per bad
     shard (webdataset's calls it for a failed read and again for the iteration that follows it)."""
     for source in sources:
         url = source["url"]
         try:
-            with tarfile.open(fileobj=source["stream"], mode="r|*") as tar:
-                for info in tar:
-                    tar.members = []  # stream mode would keep every TarInfo of the shard
-                    if info.isreg() and _select(info.name):
-                        yield {"fname": info.name, "data": tar.extractfile(info).read(), "__url__": url}
-                problem = tar_end_problem(tar)
-            if problem:
-                raise tarfile.ReadError(problem)
+            for name, data in iter_members(source["stream"], _select):
+                yield {"fname": name, "data": data, "__url__": url}
         except Exception as exc:  # as webdataset's expander: the handler decides (ours log, count, go on)
             if not handler(ValueError(f"{url}: {exc}")):
                 return

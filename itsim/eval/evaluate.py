@@ -1,0 +1,341 @@
+"""`itsim eval`: pair metrics, retrieval and labelled pair files for a trained model.
+
+Every image and caption of the split is encoded once; everything else runs only the fusion head:
+- fixed balanced pairs (seeded, independent of the model, the same protocol as training's val
+  metrics) -> ROC-AUC, PR-AUC, accuracy at 0.5 and at a threshold chosen on the val split;
+- every image x every caption -> retrieval Recall@K and ranks;
+- an optional labelled pair file (`image<TAB>caption<TAB>match|no-match`) -> classification metrics
+  at the val threshold and at 0.5, with unloadable rows counted by reason.
+Results go to `EVAL_DIR/metrics.json` (flat keys) with ROC, score-histogram and training-curve PNGs.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+from tqdm import tqdm
+
+from itsim import config
+from itsim.data.captions import read_pairs
+from itsim.data.loader import iter_split, read_manifest, split_shards
+from itsim.data.pairs import fixed_balanced_pairs
+from itsim.errors import UserError
+from itsim.eval import metrics, plots
+from itsim.images import ImageError, load_image, resize, safe_path, to_array
+from itsim.model import encode_captions, encode_images, load_model, resolve_device, score_all_pairs
+from itsim.text import Vocab
+
+log = logging.getLogger(__name__)
+
+
+
+@dataclasses.dataclass
+class EvalConfig:
+    model: str = dataclasses.field(default="", metadata={"help": "model directory (RUN/model)"})
+    shards: str = dataclasses.field(default="", metadata={"help": "shard folder with manifest.json"})
+    split: str = dataclasses.field(default="test", metadata={"help": "split to evaluate (val or test)"})
+    val_split: str = dataclasses.field(default="val", metadata={"help": "split the best threshold is chosen on"})
+    pairs: str | None = dataclasses.field(
+        default=None, metadata={"help": "labelled pair file image<TAB>caption<TAB>match|no-match"})
+    images: str | None = dataclasses.field(default=None, metadata={"help": "image folder for --pairs"})
+    out: str | None = dataclasses.field(
+        default=None, metadata={"help": "output folder; default: <model dir parent>/eval"})
+    batch_size: int = dataclasses.field(default=256, metadata={"help": "images or captions per encoder call"})
+    seed: int = dataclasses.field(default=0, metadata={"help": "seed of the fixed balanced pairs"})
+    retrieval_images: int = dataclasses.field(
+        default=1000, metadata={"help": "retrieval over the first N images of the split, in shard order (0 = all)"})
+    device: str = dataclasses.field(default="auto", metadata={"help": "auto, cpu, cuda, cuda:1, ..."})
+    plots: bool = dataclasses.field(default=True, metadata={"help": "write PNG plots"})
+
+
+@dataclasses.dataclass
+class EncodedSplit:
+    """One split reduced to vectors: images in shard order, captions grouped by image in that order."""
+
+    split: str
+    keys: list[str]
+    image_vecs: torch.Tensor  # [n_images, D_img], on the evaluation device
+    caption_vecs: torch.Tensor  # [n_captions, D_txt]
+    caption_to_image: np.ndarray  # [n_captions] int64
+    skipped: dict[str, int]
+    encode_image_seconds: float
+    encode_text_seconds: float
+
+
+# --- reading shards ---------------------------------------------------------------------------
+
+def shard_paths(shards_dir: str | Path, split: str) -> list[str]:
+    """The split's tar files (see `loader.split_shards`), with a clear error when the split is empty."""
+    paths = split_shards(shards_dir, split)
+    if not paths:
+        splits = read_manifest(shards_dir).get("splits") or {}
+        available = sorted(k for k, v in splits.items() if (v or {}).get("shards"))
+        raise UserError(f"{shards_dir}: split {split!r} has no shards; "
+                        f"splits with shards: {', '.join(available) or 'none'}")
+    return paths
+
+
+def _fit_image(image: np.ndarray, size: int, mode: str) -> np.ndarray:
+    if image.shape[:2] == (size, size):
+        return image
+    return to_array(resize(Image.fromarray(image), size, mode))
+
+
+def _caption_arrays(sample: dict[str, Any], vocab: Vocab, shard_vocab_ok: bool,
+                    max_len: int) -> tuple[np.ndarray, np.ndarray]:
+    """The sample's token ids for this model: stored ids when the vocab matches, else re-encoded text."""
+    if shard_vocab_ok:
+        ids, lengths = sample["ids"], sample["lengths"]
+        out = np.zeros((ids.shape[0], max_len), dtype=np.int64)
+        width = min(max_len, ids.shape[1])
+        out[:, :width] = ids[:, :width]
+        return out, np.clip(lengths, 1, max_len).astype(np.int64)
+    ids, lengths = vocab.encode(list(sample["meta"].get("captions", [])), max_len)
+    return ids.astype(np.int64), lengths.astype(np.int64)
+
+
+@torch.inference_mode()
+def encode_split(model: Any, vocab: Vocab, pre: Any, shards_dir: str | Path, split: str, batch_size: int,
+                 device: torch.device) -> EncodedSplit:
+    """Stream a split, encoding images in batches, then its captions.
+
+    Images keep shard order (the manifest's order, which the shard build makes deterministic), the
+    order training's validation reads them in, so the fixed pairs of `itsim eval --split val`
+    are the ones behind training's `val_accuracy`.
+    """
+    shard_paths(shards_dir, split)  # a clear error for an empty or unknown split
+    shard_vocab = Path(shards_dir) / "vocab.json"
+    shard_vocab_ok = shard_vocab.is_file() and Vocab.load(shard_vocab).hash == vocab.hash
+    if not shard_vocab_ok:
+        log.warning("shard vocab differs from the model's: re-encoding captions with the model's vocab")
+    skipped: dict[str, int] = {}
+    keys: list[str] = []
+    captions: list[tuple[np.ndarray, np.ndarray]] = []
+    vec_chunks: list[torch.Tensor] = []
+    pending: list[np.ndarray] = []
+    image_seconds = 0.0
+
+    def flush() -> None:
+        nonlocal image_seconds
+        start = time.perf_counter()
+        vec_chunks.append(encode_images(model, np.stack(pending), device, batch_size))
+        image_seconds += time.perf_counter() - start
+        pending.clear()
+
+    for sample in tqdm(iter_split(shards_dir, split, skipped), desc=f"encode {split} images", unit="img", leave=False):
+        ids, lengths = _caption_arrays(sample, vocab, shard_vocab_ok, pre.max_len)
+        if ids.shape[0] == 0:
+            skipped["no_captions"] = skipped.get("no_captions", 0) + 1
+            continue
+        keys.append(sample["key"])
+        captions.append((ids, lengths))
+        pending.append(_fit_image(sample["image"], pre.image_size, pre.resize))
+        if len(pending) >= batch_size:
+            flush()
+    if pending:
+        flush()
+    if len(keys) < 2:
+        raise UserError(f"split {split!r} has {len(keys)} readable images; at least 2 are needed (skipped: {skipped})")
+    start = time.perf_counter()
+    caption_vecs = encode_captions(model, np.concatenate([c[0] for c in captions]),
+                                   np.concatenate([c[1] for c in captions]), device, batch_size)
+    text_seconds = time.perf_counter() - start
+    caption_to_image = np.repeat(np.arange(len(keys)), [c[0].shape[0] for c in captions])
+    if skipped:
+        log.warning("split %s: skipped samples %s", split, skipped)
+    return EncodedSplit(split, keys, torch.cat(vec_chunks), caption_vecs, caption_to_image, skipped,
+                        image_seconds, text_seconds)
+
+
+# --- scoring with the head only ---------------------------------------------------------------
+
+@torch.inference_mode()
+def score_pairs(model: Any, image_vecs: torch.Tensor, caption_vecs: torch.Tensor, image_idx: np.ndarray,
+                caption_idx: np.ndarray, batch_size: int = 65536) -> np.ndarray:
+    """Logits of chosen (image, caption) pairs, as float64 numpy."""
+    out = []
+    for lo in range(0, len(image_idx), batch_size):
+        img = image_vecs[torch.tensor(image_idx[lo:lo + batch_size], device=image_vecs.device)]
+        cap = caption_vecs[torch.tensor(caption_idx[lo:lo + batch_size], device=caption_vecs.device)]
+        out.append(model.head(img, cap).double().cpu().numpy())
+    return np.concatenate(out) if out else np.zeros(0)
+
+
+def _sigmoid(logits: np.ndarray) -> np.ndarray:
+    return 1.0 / (1.0 + np.exp(-np.clip(logits, -500, 500)))
+
+
+def fixed_pair_scores(model: Any, enc: EncodedSplit, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """(probabilities, labels) of the split's fixed balanced pairs (see data.pairs.fixed_balanced_pairs)."""
+    image_idx, caption_idx, labels = fixed_balanced_pairs(enc.caption_to_image, seed)
+    return _sigmoid(score_pairs(model, enc.image_vecs, enc.caption_vecs, image_idx, caption_idx)), labels
+
+
+# --- labelled pair files ----------------------------------------------------------------------
+
+@torch.inference_mode()
+def evaluate_pair_file(model: Any, vocab: Vocab, pre: Any, pairs_path: str | Path, images_dir: str | Path,
+                       threshold: float, batch_size: int,
+                       device: torch.device) -> tuple[dict[str, Any], np.ndarray, np.ndarray]:
+    """Metrics of a labelled pair file at `threshold` and at 0.5; unusable rows counted by reason."""
+    df, report = read_pairs(pairs_path)
+    reasons = {f"parse_{k}": v for k, v in report.skipped.items()}
+    rows_per_image = df["image"].value_counts()
+    loaded: list[str] = []
+    vecs: list[torch.Tensor] = []
+    pending: list[np.ndarray] = []
+    names = sorted(rows_per_image.index)
+    for i, name in enumerate(tqdm(names, desc="encode pair images", unit="img", leave=False)):
+        try:
+            pending.append(to_array(load_image(safe_path(images_dir, name), pre.image_size, pre.resize)))
+            loaded.append(name)
+        except ImageError as exc:
+            reasons[f"image_{exc.reason}"] = reasons.get(f"image_{exc.reason}", 0) + int(rows_per_image[name])
+        if pending and (len(pending) >= batch_size or i == len(names) - 1):
+            vecs.append(encode_images(model, np.stack(pending), device, batch_size))
+            pending.clear()
+    usable = df[df["image"].isin(set(loaded))]
+    ids, lengths = vocab.encode(usable["caption"].tolist(), pre.max_len)
+    labels = usable["label"].to_numpy()
+    if len(usable):
+        position = {n: i for i, n in enumerate(loaded)}
+        image_idx = usable["image"].map(position).to_numpy()
+        text = encode_captions(model, ids, lengths, device, batch_size)
+        probs = _sigmoid(score_pairs(model, torch.cat(vecs), text, image_idx, np.arange(len(usable))))
+    else:
+        probs = np.zeros(0)
+    result: dict[str, Any] = {"pairs_rows": report.rows_in, "pairs_scored": int(len(usable)),
+                              "pairs_skipped": int(sum(reasons.values())), "pairs_skipped_reasons": reasons,
+                              "pairs_threshold": float(threshold), "pairs_roc_auc": metrics.roc_auc(probs, labels),
+                              "pairs_pr_auc": metrics.pr_auc(probs, labels)}
+    for suffix, t in (("", threshold), ("_at_0_5", 0.5)):
+        rep = metrics.classification_report(probs, labels, t)
+        for key in ("accuracy", "balanced_accuracy", "precision", "recall", "f1", "tn", "fp", "fn", "tp",
+                    "confusion_matrix"):
+            result[f"pairs_{key}{suffix}"] = rep[key]
+    if reasons:
+        log.warning("%s: %d of %d rows not scored %s", pairs_path, result["pairs_skipped"], report.rows_in, reasons)
+    return result, probs, labels
+
+
+# --- the job ----------------------------------------------------------------------------------
+
+def _json_safe(value: Any) -> Any:
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_safe(v) for v in value]
+    return value
+
+
+def _threshold(cfg: EvalConfig, model: Any, vocab: Vocab, pre: Any, device: torch.device,
+               probs: np.ndarray, labels: np.ndarray) -> tuple[float, str]:
+    """Best-accuracy threshold on the val split's fixed pairs, and where it came from."""
+    if cfg.split == cfg.val_split:
+        return metrics.best_threshold(probs, labels)[0], f"{cfg.val_split} (the evaluated split itself: optimistic)"
+    try:
+        shard_paths(cfg.shards, cfg.val_split)
+    except UserError as exc:
+        log.warning("no threshold from %s (%s); using 0.5", cfg.val_split, exc)
+        return 0.5, f"default 0.5 (no usable {cfg.val_split} split)"
+    val = encode_split(model, vocab, pre, cfg.shards, cfg.val_split, cfg.batch_size, device)
+    return metrics.best_threshold(*fixed_pair_scores(model, val, cfg.seed))[0], cfg.val_split
+
+
+def _retrieval(model: Any, enc: EncodedSplit, max_images: int) -> dict[str, Any]:
+    """Retrieval over the first `max_images` images and their captions (a prefix: captions are grouped)."""
+    n_img = len(enc.keys) if max_images <= 0 else min(max_images, len(enc.keys))
+    n_cap = int(np.sum(enc.caption_to_image < n_img))
+    start = time.perf_counter()
+    matrix = score_all_pairs(model, enc.image_vecs[:n_img], enc.caption_vecs[:n_cap])
+    if matrix.is_cuda:
+        torch.cuda.synchronize()
+    head_seconds = time.perf_counter() - start
+    result: dict[str, Any] = metrics.retrieval_metrics(matrix.cpu(), enc.caption_to_image[:n_cap])
+    return {**result, "retrieval_images": n_img, "retrieval_captions": n_cap,
+            "retrieval_seconds": round(time.perf_counter() - start, 4),
+            "retrieval_head_seconds": round(head_seconds, 4)}
+
+
+def evaluate(cfg: EvalConfig) -> dict[str, Any]:
+    """Run the evaluation described by `cfg`, write EVAL_DIR/metrics.json and plots; return the metrics."""
+    config.check(cfg, ("model", "shards"), [(bool(cfg.pairs) == bool(cfg.images), "--pairs and --images go together")])
+    model_dir = Path(cfg.model).resolve()
+    out = Path(cfg.out) if cfg.out else model_dir.parent / "eval"
+    out.mkdir(parents=True, exist_ok=True)
+    log.info(config.describe(cfg))
+    config.save(cfg, out / "eval_config.yaml")
+    device = resolve_device(cfg.device)
+    model, vocab, pre = load_model(model_dir, device)
+    model.eval()
+
+    enc = encode_split(model, vocab, pre, cfg.shards, cfg.split, cfg.batch_size, device)
+    probs, labels = fixed_pair_scores(model, enc, cfg.seed)
+    threshold, source = _threshold(cfg, model, vocab, pre, device, probs, labels)
+    at_half = metrics.classification_report(probs, labels, 0.5)
+    result: dict[str, Any] = {
+        "model": str(model_dir), "shards": str(Path(cfg.shards).resolve()), "split": cfg.split, "seed": cfg.seed,
+        "n_images": len(enc.keys), "n_captions": int(enc.caption_to_image.size), "n_pairs": int(labels.size),
+        "positive_pairs": int(labels.sum()), "skipped_samples": int(sum(enc.skipped.values())),
+        "skipped_reasons": enc.skipped,
+        "balanced_accuracy": at_half["balanced_accuracy"], "accuracy_at_0_5": at_half["accuracy"],
+        "f1_at_0_5": at_half["f1"], "best_threshold": threshold, "threshold_source": source,
+        "accuracy_at_best": metrics.accuracy(probs, labels, threshold),
+        "balanced_accuracy_at_best": metrics.balanced_accuracy(probs, labels, threshold),
+        "roc_auc": metrics.roc_auc(probs, labels), "pr_auc": metrics.pr_auc(probs, labels),
+        **_retrieval(model, enc, cfg.retrieval_images),
+        "encode_image_seconds": round(enc.encode_image_seconds, 3),
+        "encode_text_seconds": round(enc.encode_text_seconds, 3),
+    }
+    if cfg.pairs:
+        pair_result, _, _ = evaluate_pair_file(model, vocab, pre, cfg.pairs, cfg.images, threshold,
+                                               cfg.batch_size, device)
+        result.update(pair_result)
+    if cfg.plots:
+        written = [plots.plot_roc(probs, labels, out / "roc.png"),
+                   plots.plot_score_hist(probs, labels, out / "score_hist.png", threshold),
+                   plots.plot_training_curves(model_dir.parent / "metrics.jsonl", out / "training_curves.png")]
+        result["plots"] = [p.name for p in written if p is not None]
+    result = _json_safe(result)
+    (out / "metrics.json").write_text(json.dumps(result, indent=1))
+    log.info("wrote %s", out / "metrics.json")
+    return {**result, "out": str(out)}
+
+
+SUMMARY_KEYS = ("n_images", "n_captions", "balanced_accuracy", "accuracy_at_best", "best_threshold", "roc_auc",
+                "pr_auc", "i2t_r1", "i2t_r5", "i2t_r10", "i2t_medr", "t2i_r1", "t2i_r5", "t2i_r10", "t2i_medr",
+                "retrieval_seconds", "pairs_accuracy", "pairs_balanced_accuracy", "pairs_f1", "pairs_roc_auc",
+                "pairs_scored", "pairs_skipped")
+
+
+def summary_table(result: dict[str, Any]) -> str:
+    rows = [(k, f"{v:.4f}" if isinstance(v, float) else str(v)) for k, v in result.items() if k in SUMMARY_KEYS]
+    width = max(len(k) for k, _ in rows)
+    return "\n".join(f"  {k:<{width}}  {v}" for k, v in rows)
+
+
+run = evaluate  # every stage's entry point is `run(cfg)`
+
+
+def _main(args: argparse.Namespace) -> int:
+    result = evaluate(config.from_args(EvalConfig, args))
+    print(f"itsim eval: split {result['split']} ({result['threshold_source']} threshold) -> {result['out']}")
+    print(summary_table(result))
+    return 0
+
+
+def add_cli(subparsers: Any) -> None:
+    config.add_command(subparsers, "eval", EvalConfig, _main,
+                       help="pair metrics, retrieval and labelled pair files for a model",
+                       description=__doc__.splitlines()[0])

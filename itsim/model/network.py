@@ -1,0 +1,172 @@
+"""The matching model: CNN image encoder, packed BiLSTM text encoder, fusion head.
+
+The encoders are separate so evaluation and scoring can encode each image and caption once and run
+only the small head over many pairs (see encode.py).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from torch.nn.utils.rnn import pack_padded_sequence
+
+from itsim.model.encode import score_all_pairs
+from itsim.text import PAD_ID
+
+
+@dataclass
+class ModelConfig:
+    """Sizes of the reference model (about 4.4M parameters with a 20k vocab)."""
+
+    vocab_size: int = 20000
+    channels: tuple[int, ...] = (32, 64, 128, 256)
+    cnn_dropout: float = 0.2
+    image_dim: int = 512
+    embed_dim: int = 128
+    lstm_hidden: int = 128
+    lstm_layers: int = 3
+    lstm_dropout: float = 0.2
+    text_dim: int = 256
+    head_dim: int = 256
+    head_dropout: float = 0.3
+    # "concat" is the reference head; "concat_product" also feeds the head the element-wise product of
+    # the text vector and a projection of the image vector, which makes agreement easy to express.
+    fusion: str = "concat"
+    channels_last: bool = False
+
+
+def images_to_float(images: torch.Tensor, channels_last: bool = False) -> torch.Tensor:
+    """uint8 [B, H, W, 3] (as the loader ships them) -> float [B, 3, H, W] in [0, 1] on the same device.
+
+    Images travel as uint8 and are scaled only on the device: 4x less host-to-device traffic.
+    """
+    if images.dtype == torch.uint8:
+        images = images.permute(0, 3, 1, 2).float().div_(255.0)
+    if channels_last:
+        images = images.contiguous(memory_format=torch.channels_last)
+    return images
+
+
+class ImageEncoder(nn.Module):
+    """Conv -> BN -> ReLU -> max-pool -> dropout blocks, global average pool, dense to `image_dim`."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        blocks: list[nn.Module] = []
+        in_ch = 3
+        for out_ch in cfg.channels:
+            blocks += [
+                nn.Conv2d(in_ch, out_ch, kernel_size=3, padding=1, bias=False),
+                nn.BatchNorm2d(out_ch),
+                nn.ReLU(inplace=True),
+                nn.MaxPool2d(2),
+                nn.Dropout2d(cfg.cnn_dropout),
+            ]
+            in_ch = out_ch
+        self.features = nn.Sequential(*blocks)
+        self.proj = nn.Sequential(nn.Linear(in_ch, cfg.image_dim), nn.ReLU(inplace=True))
+        self.channels_last = cfg.channels_last
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        x = self.features(images_to_float(images, self.channels_last))
+        return self.proj(x.mean(dim=(2, 3)))
+
+
+class TextEncoder(nn.Module):
+    """Embedding -> stacked bidirectional LSTM over packed sequences -> `text_dim`.
+
+    Packing means the padding to `max_len` costs nothing. On CPU the LSTM runs in fp32 with
+    autocast off: oneDNN has no bf16/fp16 LSTM primitive (it raises under autocast).
+    """
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.embed = nn.Embedding(cfg.vocab_size, cfg.embed_dim, padding_idx=PAD_ID)
+        self.lstm = nn.LSTM(cfg.embed_dim, cfg.lstm_hidden, num_layers=cfg.lstm_layers, batch_first=True,
+                            bidirectional=True, dropout=cfg.lstm_dropout if cfg.lstm_layers > 1 else 0.0)
+        out = 2 * cfg.lstm_hidden
+        self.proj = nn.Identity() if out == cfg.text_dim else nn.Linear(out, cfg.text_dim)
+
+    def forward(self, ids: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        ids = ids.long()
+        lengths = lengths.long().clamp(min=1, max=ids.shape[1])
+        max_len = int(lengths.max())
+        emb = self.embed(ids[:, :max_len])
+        on_cpu = emb.device.type == "cpu"
+        with torch.autocast(device_type=emb.device.type, enabled=not on_cpu and torch.is_autocast_enabled(emb.device.type)):
+            if on_cpu:
+                emb = emb.float()
+            packed = pack_padded_sequence(emb, lengths.cpu(), batch_first=True, enforce_sorted=False)
+            _, (h_n, _) = self.lstm(packed)
+        last = torch.cat([h_n[-2], h_n[-1]], dim=1)  # final forward and backward states of the top layer
+        return self.proj(last)
+
+
+class FusionHead(nn.Module):
+    """concat(image, text[, proj(image) * text]) -> dense -> BN -> ReLU -> dropout -> dense -> one logit."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        if cfg.fusion not in ("concat", "concat_product"):
+            raise ValueError(f"unknown fusion {cfg.fusion!r} (concat | concat_product)")
+        self.product = nn.Linear(cfg.image_dim, cfg.text_dim) if cfg.fusion == "concat_product" else None
+        extra = cfg.text_dim if self.product is not None else 0
+        self.net = nn.Sequential(
+            nn.Linear(cfg.image_dim + cfg.text_dim + extra, cfg.head_dim),
+            nn.BatchNorm1d(cfg.head_dim),
+            nn.ReLU(inplace=True),
+            nn.Dropout(cfg.head_dropout),
+            nn.Linear(cfg.head_dim, 1),
+        )
+
+    def forward(self, image_vec: torch.Tensor, text_vec: torch.Tensor) -> torch.Tensor:
+        text_vec = text_vec.to(image_vec.dtype)
+        parts = [image_vec, text_vec]
+        if self.product is not None:
+            parts.append(self.product(image_vec) * text_vec)
+        return self.net(torch.cat(parts, dim=1)).squeeze(1)
+
+
+class ItsimModel(nn.Module):
+    """Scores image-caption pairs; `forward` returns logits (apply sigmoid for probabilities)."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.image_encoder = ImageEncoder(cfg)
+        self.text_encoder = TextEncoder(cfg)
+        self.fusion = FusionHead(cfg)
+
+    def encode_image(self, images: torch.Tensor) -> torch.Tensor:
+        return self.image_encoder(images)
+
+    def encode_text(self, ids: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        return self.text_encoder(ids, lengths)
+
+    def head(self, image_vec: torch.Tensor, text_vec: torch.Tensor) -> torch.Tensor:
+        return self.fusion(image_vec, text_vec)
+
+    def forward(self, images: torch.Tensor, ids: torch.Tensor, lengths: torch.Tensor,
+                image_index: torch.Tensor | None = None, text_index: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits for pairs (image_index[p], text_index[p]); without indices, image i with caption i.
+
+        Encoding each image and caption once and indexing the vectors is what lets one CNN pass serve
+        many pairs. Training goes through `forward` (not the encoders directly) so DDP sees the call.
+        """
+        image_vec = self.encode_image(images)
+        text_vec = self.encode_text(ids, lengths)
+        if image_index is not None:
+            image_vec = image_vec[image_index]
+        if text_index is not None:
+            text_vec = text_vec[text_index]
+        return self.head(image_vec, text_vec)
+
+    def score_matrix(self, image_vec: torch.Tensor, text_vec: torch.Tensor, max_elements: int = 1 << 20) -> torch.Tensor:
+        """Logits for every image x every caption [n_img, n_txt], running only the head (see score_all_pairs)."""
+        return score_all_pairs(self, image_vec, text_vec, max_elements)
+
+
+def count_parameters(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+

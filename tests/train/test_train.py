@@ -1,0 +1,192 @@
+"""The trainer as users run it: real shards, real processes, real signals."""
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import TINY_MODEL
+from itsim.errors import UserError
+from itsim.train import checkpoint
+
+ENV = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+
+
+def _train_cmd(shards: Path, out: Path, *extra: str) -> list[str]:
+    return [sys.executable, "-m", "itsim.cli", "train", "--shards", str(shards), "--out", str(out),
+            "--batch-size", "16", "--workers", "2", "--log-every", "2", "--eval-every", "0", "--warmup-steps", "2",
+            "--no-tensorboard", *TINY_MODEL, *extra]
+
+
+def _params(run: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(run / "model" / "model.safetensors"))
+
+
+def test_short_training_run_beats_chance_on_synthetic_val(tiny_shards, tmp_path):
+    from itsim.train import TrainConfig, train
+
+    summary = train(TrainConfig(shards=str(tiny_shards), out=str(tmp_path / "run"), steps=300, batch_size=32,
+                                lr=3e-3, warmup_steps=15, pairs="in-batch", workers=1, eval_every=0, log_every=50,
+                                tensorboard=False, channels=(16, 32, 64), embed_dim=32, lstm_hidden=32,
+                                lstm_layers=1, text_dim=64, image_dim=64, head_dim=64, fusion="concat_product",
+                                cnn_dropout=0.0, lstm_dropout=0.0, head_dropout=0.0))
+    assert summary["val_accuracy"] > 0.62, summary
+    assert summary["val_roc_auc"] > 0.72, summary
+    lines = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    train_rows = [r for r in lines if "loss" in r]
+    assert train_rows[-1]["loss"] < train_rows[0]["loss"]
+    assert {"step", "loss", "lr", "train_acc", "images_per_s", "pairs_per_s", "data_wait"} <= set(train_rows[0])
+    assert (tmp_path / "run" / "model" / "model.safetensors").is_file()
+    assert (tmp_path / "run" / "config.yaml").is_file()
+
+
+def test_bf16_mixed_precision_runs_on_cpu(tiny_shards, tmp_path):
+    from itsim.train import TrainConfig, train
+
+    summary = train(TrainConfig(shards=str(tiny_shards), out=str(tmp_path / "run"), steps=3, batch_size=8,
+                                mixed_precision="bf16", workers=0, tensorboard=False, channels=(8,), embed_dim=8,
+                                lstm_hidden=8, lstm_layers=3, text_dim=16, image_dim=16, head_dim=8))
+    assert summary["step"] == 3 and (tmp_path / "run" / "model" / "model.safetensors").is_file()
+
+
+@pytest.mark.parametrize("pairs,negatives,per_image,pairs_per_image", [
+    ("balanced", "random", 0, 5), ("balanced", "random", 1, 1), ("in-batch", "random", 0, 5 + 3),
+    ("in-batch", "hard", 2, 2 + 3)])
+def test_pairs_per_image_follow_the_pair_mode_and_captions_per_image(tiny_shards, tmp_path, pairs, negatives,
+                                                                     per_image, pairs_per_image):
+    from itsim.train import TrainConfig, train
+
+    train(TrainConfig(shards=str(tiny_shards), out=str(tmp_path / "run"), steps=2, batch_size=8, pairs=pairs,
+                      negatives=negatives, negatives_k=3, captions_per_image=per_image, workers=0, eval_every=0,
+                      log_every=1, val_split="none", tensorboard=False, channels=(8,), embed_dim=8, lstm_hidden=8,
+                      lstm_layers=1, text_dim=16, image_dim=16, head_dim=8))
+    rows = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    rows = [r for r in rows if "loss" in r]
+    assert len(rows) == 2 and all(math.isfinite(r["loss"]) for r in rows)
+    for r in rows:  # tiny shards: 5 captions per image
+        assert r["pairs_per_s"] / r["images_per_s"] == pytest.approx(pairs_per_image, rel=1e-3)
+
+
+def test_bad_negatives_k_or_captions_per_image_is_a_clear_error(tiny_shards, tmp_path):
+    done = subprocess.run(_train_cmd(tiny_shards, tmp_path / "r", "--captions-per-image", "-1"), env=ENV,
+                          capture_output=True, text=True)
+    assert done.returncode == 2 and "--captions-per-image" in done.stderr and "Traceback" not in done.stderr
+
+
+def _wait_for(path: Path, proc: subprocess.Popen, timeout: float = 120) -> None:
+    deadline = time.time() + timeout
+    while not path.exists():
+        if proc.poll() is not None:
+            raise AssertionError(f"training exited early: {proc.stdout.read() if proc.stdout else ''}")
+        if time.time() > deadline:
+            raise AssertionError(f"{path} did not appear")
+        time.sleep(0.05)
+
+
+@pytest.mark.slow
+def test_resume_after_sigkill_ends_with_the_same_parameters(tiny_shards, tmp_path):
+    steps = ["--steps", "12", "--checkpoint-every", "3"]
+    subprocess.run(_train_cmd(tiny_shards, tmp_path / "a", *steps), check=True, env=ENV, capture_output=True)
+
+    proc = subprocess.Popen(_train_cmd(tiny_shards, tmp_path / "b", *steps), env=ENV, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    _wait_for(tmp_path / "b" / "checkpoints" / "step_0000003", proc)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (tmp_path / "b" / "model").exists()
+    done = subprocess.run(_train_cmd(tiny_shards, tmp_path / "b", *steps, "--resume", "auto"), env=ENV,
+                          capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "resumed from" in done.stderr
+    a, b = _params(tmp_path / "a"), _params(tmp_path / "b")
+    worst = max((a[k] - b[k]).abs().max().item() for k in a)
+    assert worst == 0.0, f"largest parameter difference {worst}"
+
+
+@pytest.mark.slow
+def test_sigterm_finishes_the_step_writes_a_checkpoint_and_exits_zero(tiny_shards, tmp_path):
+    run = tmp_path / "run"
+    proc = subprocess.Popen(_train_cmd(tiny_shards, run, "--steps", "100000", "--checkpoint-every", "100000"),
+                            env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    _wait_for(run / "metrics.jsonl", proc)
+    proc.send_signal(signal.SIGTERM)
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 0, out[-2000:]
+    found = checkpoint.list_checkpoints(run / "checkpoints")
+    assert len(found) == 1
+    state = checkpoint.verify(found[0])
+    assert 0 < state["step"] < 100000
+
+
+def test_resume_auto_ignores_incomplete_and_corrupt_checkpoints(tiny_shards, tmp_path, caplog):
+    from itsim.train import TrainConfig, train
+
+    run = tmp_path / "run"
+    train(TrainConfig(shards=str(tiny_shards), out=str(run), steps=6, checkpoint_every=2, keep=5, batch_size=8,
+                      workers=0, tensorboard=False, channels=(8,), embed_dim=8, lstm_hidden=8, lstm_layers=1,
+                      text_dim=16, image_dim=16, head_dim=8))
+    ckpts = run / "checkpoints"
+    assert [p.name for p in checkpoint.list_checkpoints(ckpts)] == ["step_0000002", "step_0000004", "step_0000006"]
+    # A half-written folder (killed during a save) and a truncated newest checkpoint.
+    (ckpts / ".tmp-step_0000008").mkdir()
+    (ckpts / ".tmp-step_0000008" / "model.safetensors").write_bytes(b"partial")
+    newest = ckpts / "step_0000006" / "model.safetensors"
+    newest.write_bytes(newest.read_bytes()[:100])
+    (ckpts / "step_0000004" / "optimizer.bin").write_bytes(b"garbage bytes")
+    path, state = checkpoint.find_resume(ckpts, "auto")
+    assert path.name == "step_0000002" and state["step"] == 2
+    assert "step_0000006" in caplog.text and "step_0000004" in caplog.text
+    with pytest.raises(UserError, match="corrupt"):
+        checkpoint.find_resume(ckpts, str(ckpts / "step_0000006"))
+    with pytest.raises(UserError, match="no such checkpoint"):
+        checkpoint.find_resume(ckpts, str(ckpts / "step_0000099"))
+
+
+@pytest.mark.slow
+def test_two_processes_train_in_sync_on_disjoint_data_with_one_checkpoint_writer(tiny_shards, tmp_path):
+    run = tmp_path / "run"
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "29531",
+           "-m", "itsim.train", *_train_cmd(tiny_shards, run, "--steps", "6", "--checkpoint-every", "3",
+                                              "--audit", "--workers", "1")[4:]]
+    done = subprocess.run(cmd, env={**ENV, "ACCELERATE_USE_CPU": "1"}, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    audits = [[json.loads(x) for x in (run / "audit" / f"rank{r}.jsonl").read_text().splitlines()] for r in (0, 1)]
+    checksums = {a[-1]["param_checksum"] for a in audits}
+    assert len(checksums) == 1, "parameters differ between ranks"
+    keys = [{k for row in a[:-1] for k in row["keys"]} for a in audits]
+    assert keys[0] and keys[1] and not keys[0] & keys[1], "ranks trained on the same images"
+    final = checkpoint.list_checkpoints(run / "checkpoints")[-1]
+    names = sorted(p.name for p in final.iterdir())
+    assert "random_states_0.pkl" in names and "random_states_1.pkl" in names
+    assert names.count("model.safetensors") == 1
+    assert not list((run / "checkpoints").glob(".tmp-*"))
+
+
+def test_world_size_without_distributed_launch_is_refused(tiny_shards, tmp_path):
+    done = subprocess.run(_train_cmd(tiny_shards, tmp_path / "run", "--steps", "2"),
+                          env={**ENV, "WORLD_SIZE": "2"}, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2
+    assert "WORLD_SIZE=2" in done.stderr and "Traceback" not in done.stderr
+
+
+def test_cpu_threads_come_from_the_flag_then_omp_num_threads_then_the_cores_per_rank(monkeypatch):
+    from itsim.train import TrainConfig
+    from itsim.train.runtime import cpu_threads as _cpu_threads
+
+    cpus = len(os.sched_getaffinity(0))
+    assert _cpu_threads(TrainConfig(threads=3), 1) == 3
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    assert _cpu_threads(TrainConfig(), 1) == 1
+    monkeypatch.delenv("OMP_NUM_THREADS")
+    assert _cpu_threads(TrainConfig(workers=2), 1) == cpus
+    assert _cpu_threads(TrainConfig(), 2) == max(1, cpus // 2)
