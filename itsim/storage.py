@@ -201,7 +201,9 @@ def ls(url: str, options: Mapping[str, Any] | None = None) -> list[str]:
         with errors(url, loc.options):
             if loc.fs is None:
                 return sorted(os.path.join(loc.path, n) for n in os.listdir(loc.path))
-            return sorted(_url(loc, p.rstrip("/")) for p in loc.fs.ls(loc.path, detail=False))
+            # a folder marker (an empty `prefix/` object, as pyarrow's S3 create_dir writes) is not a child
+            found = {p.rstrip("/") for p in loc.fs.ls(loc.path, detail=False)} - {loc.path.rstrip("/")}
+            return sorted(_url(loc, p) for p in found)
     except NotFound:
         return []
 

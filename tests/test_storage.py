@@ -123,6 +123,9 @@ def test_s3_round_trip(s3, tmp_path):
                                                   s3.url("shards/train-000000.tar")]
     assert storage.glob(s3.url("shards/*.tar"), opts) == [tar_url]
     assert storage.ls(s3.url("nothing/here"), opts) == []
+    s3.client().put_object(Bucket=s3.name, Key="scores/", Body=b"")  # a folder marker (pyarrow's create_dir)
+    assert storage.ls(s3.url("scores"), opts) == []
+    s3.client().delete_object(Bucket=s3.name, Key="scores/")
     assert s3.client().list_objects_v2(Bucket=s3.name)["KeyCount"] == 3  # no stray temp objects
 
     storage.delete(s3.url("shards/ckpt"), opts, recursive=True)
