@@ -273,6 +273,18 @@ class _RetryingReader(io.RawIOBase):
     def readable(self) -> bool:
         return True
 
+    def seekable(self) -> bool:  # Parquet footers, PIL: reads resume from wherever `pos` is
+        return True
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        self.pos = max(0, {io.SEEK_SET: 0, io.SEEK_CUR: self.pos, io.SEEK_END: self.info["size"]}[whence] + offset)
+        if self._f is not None:
+            self._f.seek(self.pos)
+        return self.pos
+
+    def tell(self) -> int:
+        return self.pos
+
     def readinto(self, buffer: Any) -> int:
         data = self._retry(lambda: self._read(len(buffer)))
         buffer[:len(data)] = data
@@ -292,7 +304,8 @@ class _RetryingReader(io.RawIOBase):
 
 def open_input(url: str, options: Mapping[str, Any] | None = None, retries: int = 4, wait: float = 1.0,
                block_size: int = 8 << 20) -> BinaryIO:
-    """A buffered binary stream of `url` for sequential reading (a tar shard for webdataset/tarfile).
+    """A buffered binary stream of `url`, read in order (a tar shard for tarfile/webdataset) or seeking
+    (a Parquet footer, an image).
 
     Remote objects are fetched `block_size` bytes per request; a transient failure (store unreachable,
     5xx, a dropped connection) is retried `retries` times with waits of `wait`, 2*`wait`, ... seconds

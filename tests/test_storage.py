@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import io
 import json
 import logging
 import os
@@ -317,6 +318,22 @@ def test_open_input_streams_a_webdataset_shard(s3, tmp_path):
     assert problems == [] and sorted(got) == sorted(samples)
     for key, sample in samples.items():
         assert all(got[key][ext] == sample[ext] for ext in ("jpg", "json", "ids.npy", "lengths.npy"))
+
+
+def test_open_input_seeks_for_parquet(s3):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    table = pa.table({"image": [f"img{i}.jpg" for i in range(5000)], "caption": ["a dog runs"] * 5000})
+    buf = pa.BufferOutputStream()
+    pq.write_table(table, buf, row_group_size=1000)
+    url = s3.url("pairs/part-0.parquet")
+    storage.write_bytes(url, buf.getvalue().to_pybytes(), s3.options)
+    with storage.open_input(url, s3.options, block_size=64 * 1024) as f:
+        parquet = pq.ParquetFile(f)
+        assert parquet.metadata.num_row_groups == 5
+        assert parquet.read_row_group(3).column("image")[0].as_py() == "img3000.jpg"
+        assert f.seek(-4, io.SEEK_END) == len(buf.getvalue()) - 4 and f.read() == b"PAR1"
 
 
 def test_open_input_retries_through_an_outage(s3, caplog):
