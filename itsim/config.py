@@ -26,6 +26,18 @@ def _flag(name: str) -> str:
     return "--" + name.replace("_", "-")
 
 
+def secret_field(default: Any = None, help: str = "") -> Any:
+    """A field whose value is never printed, saved or passed on: `to_dict` (config.yaml, manifests,
+    trackers) leaves it out, `describe` shows only whether it is set, `repr` omits it. For settings
+    that may hold credentials, such as storage options; a saved config reloads without them, so they
+    come again from the flag, the config file or the environment."""
+    return dataclasses.field(default=default, repr=False, metadata={"help": help, "secret": True})
+
+
+def _secret(field: dataclasses.Field) -> bool:
+    return bool(field.metadata.get("secret"))
+
+
 def _base_type(tp: Any) -> Any:
     """Optional[X] / X | None -> X."""
     if typing.get_origin(tp) in (typing.Union, types.UnionType):
@@ -43,6 +55,16 @@ def _parse_value(tp: Any, raw: Any) -> Any:
         if raw not in typing.get_args(tp):
             raise ValueError(f"{raw!r} is not one of {typing.get_args(tp)}")
         return raw
+    if origin is dict or tp is dict:  # a JSON object on the command line, a mapping in a config file
+        value = raw
+        if isinstance(raw, str):
+            try:
+                value = json.loads(raw)
+            except json.JSONDecodeError as exc:  # the message names the position, never the text
+                raise ValueError(f"not a JSON object ({exc.msg} at character {exc.pos})") from None
+        if not isinstance(value, dict):
+            raise ValueError("not a JSON object")
+        return value
     if origin in (tuple, list):
         (item,) = typing.get_args(tp)[:1] or (str,)
         items = raw.split(",") if isinstance(raw, str) else list(raw)
@@ -135,11 +157,19 @@ def add_command(subparsers: Any, name: str, cls: type, func: Any, help: str, des
 
 
 def to_dict(cfg: Any) -> dict[str, Any]:
-    return json.loads(json.dumps(dataclasses.asdict(cfg), default=str))
+    """The config as JSON-able values, without its secret fields (see `secret_field`)."""
+    values = dataclasses.asdict(cfg)
+    for field in dataclasses.fields(cfg):
+        if _secret(field):
+            del values[field.name]
+    return json.loads(json.dumps(values, default=str))
 
 
 def describe(cfg: Any) -> str:
-    return f"{type(cfg).__name__}:\n" + "\n".join(f"  {k}: {v}" for k, v in to_dict(cfg).items())
+    lines = [f"  {k}: {v}" for k, v in to_dict(cfg).items()]
+    lines += [f"  {f.name}: {'<set, not shown>' if getattr(cfg, f.name) else None}"
+              for f in dataclasses.fields(cfg) if _secret(f)]
+    return f"{type(cfg).__name__}:\n" + "\n".join(lines)
 
 
 def save(cfg: Any, path: str | Path) -> None:

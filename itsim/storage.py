@@ -1,0 +1,328 @@
+"""Where bytes live: local paths and object-store URLs (`s3://`, `gs://`, `file://`) behind one small API.
+
+Every place that takes a path must also take a URL, and refuse one it cannot handle rather than write
+a local folder `s3:` (what `Path("s3://b/x")` becomes). Stores are reached through fsspec and their own
+library (s3fs, gcsfs), credentials coming from that library's usual sources, never from itsim.
+A local path keeps plain `os` calls and temp-name-then-`os.replace` writes. On a store a PUT, or a
+multipart upload (aborted on failure), shows the object whole or not at all; never `fs.open(url, "wb")`
+in a `with` block, whose `__exit__` commits even when the block raised. Filesystems are looked up per
+call (fsspec caches one per process and drops the cache after a fork), so DataLoader workers and Ray
+tasks never share a parent's event loop. Errors are one-line `StorageError`s (`storage_errors`).
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import glob as _glob
+import hashlib
+import io
+import json
+import logging
+import os
+import re
+import shutil
+import time
+import uuid
+from pathlib import Path
+from typing import Any, BinaryIO, Iterator, Mapping
+
+from itsim.storage_errors import NotFound, StorageError, errors, scrub, translate
+
+log = logging.getLogger(__name__)
+
+ENV_OPTIONS = "ITSIM_STORAGE_OPTIONS"
+# protocol -> (library, pip extra). Anything else with `://` is refused.
+REMOTE = {"s3": ("s3fs", "s3"), "s3a": ("s3fs", "s3"), "gs": ("gcsfs", "gcs"), "gcs": ("gcsfs", "gcs")}
+_MANGLED = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]+:/(?!/)")  # `s3:/b/x`: a URL that went through pathlib.Path
+
+
+def is_url(path: Any) -> bool:
+    """True for anything with a scheme (`s3://...`, `file://...`); pathlib.Path objects are never URLs."""
+    return isinstance(path, str) and "://" in path
+
+
+def options_for(protocol: str, options: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """The library's keyword arguments: `$ITSIM_STORAGE_OPTIONS` (a JSON object) < `options`.
+
+    In each, flat keys apply to every store and a key naming a protocol (`{"s3": {...}, "gs": {...}}`)
+    to that one. Listing caches are off unless asked for: another process (a worker, a resumed run) may
+    have written since this process last listed.
+    """
+    out: dict[str, Any] = {"use_listings_cache": False}
+    for source, name in ((os.environ.get(ENV_OPTIONS), ENV_OPTIONS), (options, "storage options")):
+        if isinstance(source, str):
+            with contextlib.suppress(json.JSONDecodeError):
+                source = json.loads(source)
+            if not isinstance(source, dict):
+                raise StorageError(f"{name} must be a JSON object", "unsupported")
+        source = source or {}
+        out.update({k: v for k, v in source.items() if k not in REMOTE})
+        for key in dict.fromkeys(({"s3a": "s3", "gcs": "gs"}.get(protocol, protocol), protocol)):
+            out.update(source.get(key) or {})
+    return out
+
+
+@dataclasses.dataclass(frozen=True)
+class Location:
+    """A resolved place: `fs` is None for a local path (plain `os` calls), else the store's filesystem."""
+
+    url: str  # as given, for messages
+    protocol: str  # "" for local
+    path: str  # local path, or the store's path without protocol (`bucket/key`)
+    fs: Any = None
+    options: Mapping[str, Any] = dataclasses.field(default_factory=dict, repr=False)
+
+
+def resolve(path: Any, options: Mapping[str, Any] | None = None) -> Location:
+    """A path or URL -> Location; unsupported schemes, chained URLs and `s3:/x` are StorageErrors."""
+    text = os.fspath(path)
+    if not is_url(text):
+        if _MANGLED.match(text):
+            raise StorageError(f"{text}: looks like a URL that lost a '/' (passed through pathlib.Path?)",
+                               "unsupported")
+        return Location(text, "", os.path.expanduser(text))
+    protocol, _, rest = text.partition("://")
+    protocol = protocol.lower()
+    if protocol == "file" and "::" not in rest:
+        return Location(text, "", rest)
+    if protocol not in REMOTE or "::" in rest or not rest.split("/", 1)[0]:
+        raise StorageError(f"{scrub(text)}: unsupported storage URL (supported: a local path, file://, "
+                           f"{', '.join(p + '://' for p in REMOTE)} with a bucket)", "unsupported")
+    library, extra = REMOTE[protocol]
+    opts = options_for(protocol, options)
+    try:
+        import fsspec
+
+        fs = fsspec.filesystem(protocol, **opts)
+    except ImportError:
+        raise StorageError(f"{scrub(text)}: {protocol}:// needs {library}, which is not installed: "
+                           f"pip install 'itsim[{extra}]'", "missing_library") from None
+    except Exception as exc:  # noqa: BLE001 - a bad option (TypeError), a credentials file error, ...
+        raise translate(exc, text, opts) from None
+    return Location(text, protocol, fs._strip_protocol(text), fs, opts)
+
+
+def join(base: str, *names: str) -> str:
+    """`base/name/...` for a path or URL; names must be relative and stay below `base` (no `..`)."""
+    for name in names:
+        if not name or name.startswith("/") or "://" in name or ".." in name.split("/"):
+            raise StorageError(f"{scrub(base)}: unsafe name {name!r}", "unsupported")
+    if not is_url(base):
+        return os.path.join(base, *names)
+    return "/".join([base.rstrip("/"), *(n.strip("/") for n in names)])
+
+
+def _url(loc: Location, path: str) -> str:
+    return f"{loc.protocol}://{path}" if loc.protocol else path
+
+
+def exists(url: str, options: Mapping[str, Any] | None = None) -> bool:
+    """Whether a file/object exists; a missing bucket or refused credentials raise instead of saying no."""
+    loc = resolve(url, options)
+    try:
+        with errors(url, loc.options):
+            return os.path.exists(loc.path) if loc.fs is None else bool(loc.fs.info(loc.path))
+    except NotFound:
+        return False
+
+
+def size_of(url: str, options: Mapping[str, Any] | None = None) -> int:
+    loc = resolve(url, options)
+    with errors(url, loc.options):
+        return os.path.getsize(loc.path) if loc.fs is None else int(loc.fs.info(loc.path)["size"])
+
+
+def read_bytes(url: str, options: Mapping[str, Any] | None = None) -> bytes:
+    loc = resolve(url, options)
+    with errors(url, loc.options):
+        return Path(loc.path).read_bytes() if loc.fs is None else loc.fs.cat_file(loc.path)
+
+
+def read_text(url: str, options: Mapping[str, Any] | None = None) -> str:
+    return read_bytes(url, options).decode("utf-8")
+
+
+@contextlib.contextmanager
+def _atomic_local(path: str) -> Iterator[BinaryIO]:
+    """A file to write at a per-writer temp name beside `path` (parents created), fsynced and renamed
+    over `path` when the block ends without error, removed when it raises."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = f"{path}.{uuid.uuid4().hex[:12]}.tmp"
+    try:
+        with open(tmp, "wb") as f:
+            yield f
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+
+
+def write_bytes(url: str, data: bytes, options: Mapping[str, Any] | None = None) -> None:
+    """Write `data` so that readers see the old content, or the new content whole, never a part."""
+    loc = resolve(url, options)
+    with errors(url, loc.options):
+        if loc.fs is not None:
+            loc.fs.pipe_file(loc.path, data)  # one PUT (multipart above 100 MiB, aborted on failure)
+        else:
+            with _atomic_local(loc.path) as f:
+                f.write(data)
+
+
+def write_text(url: str, text: str, options: Mapping[str, Any] | None = None) -> None:
+    write_bytes(url, text.encode("utf-8"), options)
+
+
+def upload_file(local: str, url: str, options: Mapping[str, Any] | None = None,
+                chunk_size: int | None = None) -> None:
+    """Copy a finished local file to `url`, visible only when complete: one PUT, or above 2 x `chunk_size`
+    (the library's default: 50 MiB) a multipart upload, which S3 shows only once it is completed."""
+    loc = resolve(url, options)
+    with errors(url, loc.options):
+        if loc.fs is not None:
+            loc.fs.put_file(local, loc.path, **({"chunksize": chunk_size} if chunk_size else {}))
+        else:
+            with open(local, "rb") as src, _atomic_local(loc.path) as dst:
+                shutil.copyfileobj(src, dst, 1 << 20)
+
+
+def download(url: str, local: str, options: Mapping[str, Any] | None = None) -> None:
+    """Copy `url` to a local file, through a temp name (a failed download leaves no partial file)."""
+    with open_input(url, options) as src, errors(local), _atomic_local(local) as dst:
+        shutil.copyfileobj(src, dst, 1 << 20)
+
+
+def ls(url: str, options: Mapping[str, Any] | None = None) -> list[str]:
+    """Direct children (files and folders/prefixes) as sorted paths or URLs; [] when there are none."""
+    loc = resolve(url, options)
+    try:
+        with errors(url, loc.options):
+            if loc.fs is None:
+                return sorted(os.path.join(loc.path, n) for n in os.listdir(loc.path))
+            # a folder marker (an empty `prefix/` object, as pyarrow's S3 create_dir writes) is not a child
+            found = {p.rstrip("/") for p in loc.fs.ls(loc.path, detail=False)} - {loc.path.rstrip("/")}
+            return sorted(_url(loc, p) for p in found)
+    except NotFound:
+        return []
+
+
+def glob(pattern: str, options: Mapping[str, Any] | None = None) -> list[str]:
+    """Sorted matches of a glob pattern, as paths or URLs."""
+    loc = resolve(pattern, options)
+    with errors(pattern, loc.options):
+        if loc.fs is None:
+            return sorted(_glob.glob(loc.path, recursive=True))
+        return sorted(_url(loc, p) for p in loc.fs.glob(loc.path))
+
+
+def delete(url: str, options: Mapping[str, Any] | None = None, recursive: bool = False) -> None:
+    """Remove a file/object (a whole folder/prefix with `recursive`); nothing there is not an error."""
+    loc = resolve(url, options)
+    try:
+        with errors(url, loc.options):
+            if loc.fs is not None:
+                loc.fs.rm(loc.path, recursive=recursive)
+            elif recursive and os.path.isdir(loc.path):
+                shutil.rmtree(loc.path)
+            else:
+                os.unlink(loc.path)
+    except NotFound:
+        pass
+
+
+class _RetryingReader(io.RawIOBase):
+    """Sequential reads of one object; on a transient error, reopen at the same offset after a pause.
+
+    The object must keep its size (and ETag, where the store gives one) across reopens: a changed or
+    deleted object is a StorageError naming the URL, never a silent mix of two versions.
+    """
+
+    def __init__(self, loc: Location, retries: int, wait: float, block_size: int):
+        self.loc, self.retries, self.wait, self.block_size = loc, retries, wait, block_size
+        self.pos, self.info, self._f = 0, None, None
+        self._retry(self._open)
+
+    def _open(self) -> None:
+        self._f = self.loc.fs.open(self.loc.path, "rb", block_size=self.block_size, cache_type="readahead")
+        now, self.info = self._f.details, self.info or self._f.details
+        if now.get("size") != self.info.get("size") or now.get("ETag") != self.info.get("ETag"):
+            raise StorageError(f"{scrub(self.loc.url)}: changed while being read", "changed")
+        self._f.seek(self.pos)
+
+    def _retry(self, fn: Any) -> Any:
+        for attempt in range(self.retries + 1):
+            try:
+                with errors(self.loc.url, self.loc.options):
+                    return fn()
+            except StorageError as exc:
+                if not exc.transient:
+                    raise
+                if attempt == self.retries:
+                    raise StorageError(f"{exc} (gave up after {self.retries} retries)", exc.reason, True) from None
+                log.warning("%s (retry %d of %d at byte %d)", exc, attempt + 1, self.retries, self.pos)
+                self._close_inner()
+                time.sleep(self.wait * 2 ** attempt)
+
+    def _read(self, n: int) -> bytes:
+        if self._f is None:
+            self._open()
+        return self._f.read(n)
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:  # Parquet footers, PIL: reads resume from wherever `pos` is
+        return True
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        self.pos = max(0, {io.SEEK_SET: 0, io.SEEK_CUR: self.pos, io.SEEK_END: self.info["size"]}[whence] + offset)
+        if self._f is not None:
+            self._f.seek(self.pos)
+        return self.pos
+
+    def tell(self) -> int:
+        return self.pos
+
+    def readinto(self, buffer: Any) -> int:
+        data = self._retry(lambda: self._read(len(buffer)))
+        buffer[:len(data)] = data
+        self.pos += len(data)
+        return len(data)
+
+    def _close_inner(self) -> None:
+        f, self._f = self._f, None
+        if f is not None:
+            with contextlib.suppress(Exception):
+                f.close()
+
+    def close(self) -> None:
+        self._close_inner()
+        super().close()
+
+
+def open_input(url: str, options: Mapping[str, Any] | None = None, retries: int = 4, wait: float = 1.0,
+               block_size: int = 8 << 20) -> BinaryIO:
+    """A buffered binary stream of `url`, read in order (a tar shard for tarfile/webdataset) or seeking
+    (a Parquet footer, an image).
+
+    Remote objects are fetched `block_size` bytes per request; a transient failure (store unreachable,
+    5xx, a dropped connection) is retried `retries` times with waits of `wait`, 2*`wait`, ... seconds
+    from the same offset, then raised as a StorageError naming the URL. Open it in the process that
+    reads it (after any fork).
+    """
+    loc = resolve(url, options)
+    if loc.fs is None:
+        with errors(url):
+            return open(loc.path, "rb")
+    return io.BufferedReader(_RetryingReader(loc, retries, wait, block_size), buffer_size=1 << 20)
+
+
+def sha256_of(url: str, options: Mapping[str, Any] | None = None) -> str:
+    """SHA-256 of the bytes (streamed; the whole object is read)."""
+    h = hashlib.sha256()
+    with open_input(url, options) as f:
+        while block := f.read(1 << 20):
+            h.update(block)
+    return h.hexdigest()
