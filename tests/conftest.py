@@ -1,10 +1,12 @@
-"""Shared fixtures: the optional Flickr8k folder and one local Ray per test session."""
+"""Shared fixtures: the optional Flickr8k folder, one local Ray and one local S3 server per test session."""
 from __future__ import annotations
 
 import os
 from pathlib import Path
 
 import pytest
+
+from s3server import s3, s3_server  # noqa: F401 - the S3 server fixtures, for every test folder
 
 ROOT = Path(__file__).resolve().parents[1]
 FLICKR8K = Path(os.environ.get("ITSIM_FLICKR8K", ROOT.parent / "shared" / "data" / "flickr8k"))

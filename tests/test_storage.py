@@ -19,7 +19,7 @@ import yaml
 from itsim import config, storage
 from itsim.errors import UserError
 from itsim.storage import NotFound, StorageError
-from s3server import CutProxy, s3, s3_server  # noqa: F401 - fixtures
+from s3server import CutProxy
 
 ROOT = Path(__file__).resolve().parents[1]
 MiB = 1 << 20
