@@ -18,6 +18,7 @@ COMMANDS = {
     "train": "itsim.train",
     "eval": "itsim.evaluate",
     "score": "itsim.score",
+    "export": "itsim.export",
     "demo": "itsim.demo",
 }
 
