@@ -299,7 +299,7 @@ def describe(cfg: ExportConfig, model_dir: Path, model: ItsimModel, pre: Preproc
         },
         "score": {"output": "logit", "probability": "sigmoid(logit) = 1 / (1 + exp(-logit))",
                   "pairs": "image_vec[i] with text_vec[i]; repeat or index vectors to score every image x caption"},
-        "text_encoder": "BiLSTM run without packing (UnpackedTextEncoder in itsim/export.py): the same numbers",
+        "text_encoder": "BiLSTM run without packed sequences (itsim's UnpackedTextEncoder): the same numbers",
         "verification": ({"max_abs_diff": checked, "tolerance": TOLERANCE, "batch_sizes": [1, 3],
                           "runtime": "onnxruntime" if cfg.format == "onnx" else "torch.jit.load"}
                          if checked is not None else None),
