@@ -57,12 +57,14 @@ details summary { cursor: pointer; color: #3a5bd9; margin: 6px 0; }
 .query > p { margin: 0 0 6px; }
 .thumb { width: 96px; height: 96px; object-fit: contain; background: #e8eaee; border-radius: 4px; flex: none; }
 .thumb.small { width: 64px; height: 64px; }
+.thumb.tiny { width: 28px; height: 28px; vertical-align: middle; margin-left: 4px; }
 .missing { display: inline-flex; align-items: center; justify-content: center; color: #8a92a3; font-size: 11px; }
 .name { color: #5b6475; font-size: 12px; overflow-wrap: anywhere; }
 ol.results { margin: 0; padding-left: 22px; }
 ol.results li { margin: 2px 0; padding: 1px 4px; border-radius: 4px; }
 ol.captions li.true { background: #e3f6e8; }
-ol.captions li.true::after { content: " ✓ true"; color: #1f8a3b; font-weight: 600; font-size: 12px; }
+ol.captions li.true::after { content: " ✓ true"; color: #1f8a3b; font-weight: 600; font-size: 12px;
+                             white-space: nowrap; }
 .score { display: inline-block; min-width: 44px; color: #5b6475; font-variant-numeric: tabular-nums; }
 ol.images { display: grid; grid-template-columns: repeat(5, minmax(0, 1fr)); gap: 4px; list-style: none;
             padding: 0; margin: 0; }
@@ -223,7 +225,8 @@ def _mistakes_section(pairs: PairScores | None, c2i: np.ndarray, captions: Seque
         for p in order:
             i, c = int(image_idx[p]), int(caption_idx[p])
             owner = ("" if kind == "false-negative" else
-                     f'<p class="name">the caption belongs to {_e(thumbs.name(int(c2i[c])))}</p>')
+                     f'<p class="name">the caption belongs to {_e(thumbs.name(int(c2i[c])))}'
+                     f'{thumbs.img(int(c2i[c]), "thumb tiny")}</p>')
             score = float(probs[p])
             out.append(f'<div class="pair {kind}" data-image="{i}" data-caption="{c}" data-score="{score!r}">'
                        f'{thumbs.img(i, "thumb small")}<div><p><span class="score">{probs[p]:.3f}</span> '

@@ -188,6 +188,7 @@ def test_report_caption_queries_show_the_models_top_5_images(evaluated):
 def test_report_mistakes_are_the_most_confident_wrong_pairs(evaluated):
     section = evaluated["tree"].one("section", id="mistakes")
     probs, labels, c2i = evaluated["pair_probs"], evaluated["pair_labels"], evaluated["c2i"]
+    keys, captions = evaluated["keys"], evaluated["captions"]
     for box, label, worst in (("false-positives", 0, np.sort(probs[labels == 0])[::-1][:8]),
                               ("false-negatives", 1, np.sort(probs[labels == 1])[:8])):
         cards = section.one("div", id=box).find_all("div", cls="pair")
@@ -197,7 +198,10 @@ def test_report_mistakes_are_the_most_confident_wrong_pairs(evaluated):
         for card in cards:
             i, c = int(card.attrs["data-image"]), int(card.attrs["data-caption"])
             assert (c2i[c] == i) == bool(label)
-            assert card.one("img").attrs["src"].startswith("data:image/jpeg;base64,")
+            images = card.find_all("img")  # the pair's image, and for a false pair the caption's own image
+            assert [img.attrs["alt"] for img in images] == [keys[i]] + ([] if label else [keys[c2i[c]]])
+            caption = " ".join(captions[c].split())
+            assert _text_of(card).startswith(f"{float(card.attrs['data-score']):.3f} “{caption}”")
 
 
 def test_no_report_flag_writes_no_page(tiny_model, tiny_shards, tmp_path):
