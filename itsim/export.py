@@ -182,6 +182,17 @@ def _export_onnx(graph: Graph, path: Path, opset: int) -> None:
                       opset_version=opset, external_data=False, verbose=False)
 
 
+def written_opset(folder: Path) -> int:
+    """The default-domain opset the exporter really wrote: it raises a too-low request to its minimum."""
+    import onnx
+
+    versions = {next((o.version for o in onnx.load(str(folder / f"{g}.onnx"), load_external_data=False).opset_import
+                      if o.domain in ("", "ai.onnx")), 0) for g in GRAPHS}
+    if len(versions) != 1:
+        raise UserError(f"the exported graphs disagree on their opset: {sorted(versions)}")
+    return versions.pop()
+
+
 def _export_torchscript(graph: Graph, path: Path) -> None:
     torch.jit.script(graph.module).save(str(path))
 
@@ -266,23 +277,17 @@ def _sigmoid(x: np.ndarray) -> np.ndarray:
 
 # --- the job ----------------------------------------------------------------------------------
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def describe(cfg: ExportConfig, model_dir: Path, model: ItsimModel, pre: Preprocess, vocab_hash: str,
-             specs: list[Graph], checked: dict[str, float] | None) -> dict[str, Any]:
+             specs: list[Graph], checked: dict[str, float] | None, opset: int | None) -> dict[str, Any]:
     """export.json: everything a client needs to prepare inputs and read the output, without itsim."""
     from itsim import __version__
 
+    with open(model_dir / "model.safetensors", "rb") as f:
+        weights_sha256 = hashlib.file_digest(f, "sha256").hexdigest()
     return {
         "format": "itsim-export", "format_version": 1, "itsim_version": __version__, "torch_version": torch.__version__,
-        "graph_format": cfg.format, **({"opset": cfg.opset} if cfg.format == "onnx" else {}),
-        "source_model": {"path": str(model_dir), "model_sha256": _sha256(model_dir / "model.safetensors"),
+        "graph_format": cfg.format, **({"opset": opset} if opset is not None else {}),
+        "source_model": {"path": str(model_dir), "model_sha256": weights_sha256,
                          "vocab_hash": vocab_hash},
         "graphs": {g.name: {"file": g.name + SUFFIX[cfg.format], "inputs": g.inputs, "outputs": g.outputs}
                    for g in specs},
@@ -356,13 +361,16 @@ def run(cfg: ExportConfig) -> dict[str, Any]:
                 first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
                 raise UserError(f"cannot export the {graph.name} to {cfg.format}: {first}") from None
         shutil.copyfile(model_dir / "vocab.json", staged / "vocab.json")
+        opset = written_opset(staged) if cfg.format == "onnx" else None
+        if opset is not None and opset != cfg.opset:
+            log.warning("asked for opset %d; the exporter wrote opset %d", cfg.opset, opset)
         checked = verify(staged, cfg.format, model, pre) if cfg.verify else None
         if checked is not None:
             bad = {k: v for k, v in checked.items() if not v <= TOLERANCE}
             if bad:
                 raise UserError(f"the exported graphs differ from the model by more than {TOLERANCE}: {bad}; "
                                 "nothing written")
-        meta = describe(cfg, model_dir, model, pre, vocab.hash, specs, checked)
+        meta = describe(cfg, model_dir, model, pre, vocab.hash, specs, checked, opset)
         (staged / "export.json").write_text(json.dumps(meta, indent=1))
         _install(staged, out)
     log.info("wrote %s", out)

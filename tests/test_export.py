@@ -8,6 +8,7 @@ onnxruntime snippet (docs/onnx_example.py) runs as a subprocess on real image fi
 from __future__ import annotations
 
 import ast
+import hashlib
 import json
 import shutil
 import subprocess
@@ -125,14 +126,21 @@ def test_export_json_describes_the_onnx_graphs_and_the_preprocessing(exports, ti
     assert sorted(p.name for p in folder.iterdir()) == ["export.json", "head.onnx", "image_encoder.onnx",
                                                         "text_encoder.onnx", "vocab.json"]
     assert (folder / "vocab.json").read_bytes() == (tiny_model / "vocab.json").read_bytes()
+    weights = (tiny_model / "model.safetensors").read_bytes()
+    assert meta["source_model"]["model_sha256"] == hashlib.sha256(weights).hexdigest()
     assert meta["graph_format"] == "onnx" and meta["opset"] == 20
+    import onnx
+
+    for name in ("image_encoder", "text_encoder", "head"):
+        assert [(o.domain, o.version) for o in onnx.load(str(folder / f"{name}.onnx")).opset_import] == [("", 20)]
     assert {k: meta["preprocess"][k] for k in ("image_size", "resize", "max_len")} == pre
     assert meta["preprocess"]["text"]["pattern"] == "[^a-z0-9]+" and meta["preprocess"]["text"]["unk_id"] == 1
     assert "sigmoid(logit)" in meta["score"]["probability"]
     size, dims = pre["image_size"], model_config["model"]
     expected = {"image_encoder": ([("images", "tensor(uint8)", ["batch", size, size, 3])],
                                   [("image_vec", ["batch", dims["image_dim"]])]),
-                "text_encoder": ([("ids", "tensor(int64)", ["batch", "length"]), ("lengths", "tensor(int64)", ["batch"])],
+                "text_encoder": ([("ids", "tensor(int64)", ["batch", "length"]),
+                                  ("lengths", "tensor(int64)", ["batch"])],
                                  [("text_vec", ["batch", dims["text_dim"]])]),
                 "head": ([("image_vec", "tensor(float)", ["batch", dims["image_dim"]]),
                           ("text_vec", "tensor(float)", ["batch", dims["text_dim"]])], [("logit", ["batch"])])}
@@ -166,7 +174,7 @@ def test_readme_snippet_scores_real_image_files_like_itsim(exports, tiny_model, 
         done = subprocess.run([sys.executable, str(EXAMPLE), str(exports["onnx"]), str(path), caption],
                               capture_output=True, text=True, timeout=120, cwd=tmp_path)
         assert done.returncode == 0, done.stderr
-        got = float(done.stdout.strip())
+        got, want = float(done.stdout.strip()), float(want)  # float64: a float32 difference would round to 0
         print(f"\nsnippet {path.name} {caption!r}: {got:.7f} itsim {want:.7f} diff {abs(got - want):.2e}")
         assert abs(got - want) < TOL
 
