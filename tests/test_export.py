@@ -16,6 +16,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import onnxruntime as ort  # a dev dependency (and the `export` extra): imported, never skipped
 import pytest
 import torch
 from PIL import Image
@@ -26,7 +27,6 @@ from itsim.export import ExportConfig, UnpackedTextEncoder, run
 from itsim.model import ItsimModel, ModelConfig, load_model
 from itsim.score import Scorer
 
-ort = pytest.importorskip("onnxruntime")  # a dev dependency; skipped only outside the dev install
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLE = ROOT / "docs" / "onnx_example.py"
