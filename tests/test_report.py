@@ -19,7 +19,6 @@ import torch
 
 from itsim import metrics
 from itsim.data.loader import read_split
-from itsim.data.pairs import fixed_balanced_pairs
 from itsim.evaluate import EvalConfig, encode_split, evaluate, fixed_pair_scores, score_all_pairs
 from itsim.model import load_model
 from itsim.report import PairScores, build_report
