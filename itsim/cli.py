@@ -18,6 +18,7 @@ COMMANDS = {
     "train": "itsim.train",
     "eval": "itsim.eval",
     "score": "itsim.score.ray_job",
+    "export": "itsim.model.export",
     "demo": "itsim.demo",
 }
 

@@ -60,3 +60,20 @@ def tiny_shards(synth_data, tmp_path_factory) -> Path:
     build_shards(ShardConfig(captions=str(synth_data / "results.csv"), images=str(synth_data / "images"),
                              out=str(out), image_size=32, shard_size=45, workers=1, splits=(0.8, 0.1, 0.1)))
     return out
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tiny_shards, tmp_path_factory) -> Path:
+    """RUN/model of a model trained for 60 steps on `tiny_shards` (about 4 s on one core).
+
+    Two BiLSTM layers and a projected text vector, so everything that handles the text encoder
+    (export's unpacked LSTM above all) meets a stacked LSTM and a real projection.
+    """
+    from itsim.train import TrainConfig, train
+
+    run = tmp_path_factory.mktemp("tiny_run")
+    train(TrainConfig(shards=str(tiny_shards), out=str(run), steps=60, batch_size=16, workers=0, threads=1,
+                      tensorboard=False, eval_every=0, warmup_steps=5, checkpoint_every=1000, pairs="in-batch",
+                      channels=(8, 16), embed_dim=16, lstm_hidden=16, lstm_layers=2, text_dim=24, image_dim=32,
+                      head_dim=16))
+    return run / "model"

@@ -6,7 +6,8 @@ Every image and caption of the split is encoded once; everything else runs only 
 - every image x every caption -> retrieval Recall@K and ranks;
 - an optional labelled pair file (`image<TAB>caption<TAB>match|no-match`) -> classification metrics
   at the val threshold and at 0.5, with unloadable rows counted by reason.
-Results go to `EVAL_DIR/metrics.json` (flat keys) with ROC, score-histogram and training-curve PNGs.
+Results go to `EVAL_DIR/metrics.json` (flat keys) with ROC, score-histogram and training-curve PNGs, and
+`EVAL_DIR/report.html` shows them beside example retrievals and the worst mistakes (see `report.py`).
 """
 from __future__ import annotations
 
@@ -31,6 +32,7 @@ from itsim.data.pairs import fixed_balanced_pairs
 from itsim.errors import UserError
 from itsim.eval import metrics, plots
 from itsim.images import ImageError, load_image, resize, safe_path, to_array
+from itsim.eval.report import PairScores, make_thumbnail, write_report
 from itsim.model import encode_captions, encode_images, load_model, resolve_device, score_all_pairs
 from itsim.text import Vocab
 
@@ -55,6 +57,8 @@ class EvalConfig:
         default=1000, metadata={"help": "retrieval over the first N images of the split, in shard order (0 = all)"})
     device: str = dataclasses.field(default="auto", metadata={"help": "auto, cpu, cuda, cuda:1, ..."})
     plots: bool = dataclasses.field(default=True, metadata={"help": "write PNG plots"})
+    report: bool = dataclasses.field(
+        default=True, metadata={"help": "write report.html (metrics, plots, example retrievals, worst mistakes)"})
 
 
 @dataclasses.dataclass
@@ -69,6 +73,8 @@ class EncodedSplit:
     skipped: dict[str, int]
     encode_image_seconds: float
     encode_text_seconds: float
+    captions: list[str] = dataclasses.field(default_factory=list)  # text of each caption vector
+    thumbnails: list[bytes] = dataclasses.field(default_factory=list)  # JPEGs of the first images, for the report
 
 
 # --- reading shards ---------------------------------------------------------------------------
@@ -90,6 +96,18 @@ def _fit_image(image: np.ndarray, size: int, mode: str) -> np.ndarray:
     return to_array(resize(Image.fromarray(image), size, mode))
 
 
+# Thumbnails kept for the report: a few kB each, so even a large retrieval set costs little memory.
+MAX_THUMBNAILS = 5000
+
+
+def _caption_texts(sample: dict[str, Any], vocab: Vocab, ids: np.ndarray, lengths: np.ndarray) -> list[str]:
+    """The sample's caption strings (for the report); decoded ids if the metadata lost count of them."""
+    texts = sample["meta"].get("captions")
+    if isinstance(texts, list) and len(texts) == ids.shape[0] and all(isinstance(t, str) for t in texts):
+        return texts
+    return [vocab.decode(row[:n]) for row, n in zip(ids, lengths)]
+
+
 def _caption_arrays(sample: dict[str, Any], vocab: Vocab, shard_vocab_ok: bool,
                     max_len: int) -> tuple[np.ndarray, np.ndarray]:
     """The sample's token ids for this model: stored ids when the vocab matches, else re-encoded text."""
@@ -105,8 +123,9 @@ def _caption_arrays(sample: dict[str, Any], vocab: Vocab, shard_vocab_ok: bool,
 
 @torch.inference_mode()
 def encode_split(model: Any, vocab: Vocab, pre: Any, shards_dir: str | Path, split: str, batch_size: int,
-                 device: torch.device) -> EncodedSplit:
-    """Stream a split, encoding images in batches, then its captions.
+                 device: torch.device, thumbnails: int = 0) -> EncodedSplit:
+    """Stream a split, encoding images in batches, then its captions; keep JPEG thumbnails of the
+    first `thumbnails` images as they pass (the report shows them; nothing is read twice).
 
     Images keep shard order (the manifest's order, which the shard build makes deterministic), the
     order training's validation reads them in, so the fixed pairs of `itsim eval --split val`
@@ -120,6 +139,8 @@ def encode_split(model: Any, vocab: Vocab, pre: Any, shards_dir: str | Path, spl
     skipped: dict[str, int] = {}
     keys: list[str] = []
     captions: list[tuple[np.ndarray, np.ndarray]] = []
+    texts: list[str] = []
+    thumbs: list[bytes] = []
     vec_chunks: list[torch.Tensor] = []
     pending: list[np.ndarray] = []
     image_seconds = 0.0
@@ -138,6 +159,9 @@ def encode_split(model: Any, vocab: Vocab, pre: Any, shards_dir: str | Path, spl
             continue
         keys.append(sample["key"])
         captions.append((ids, lengths))
+        texts.extend(_caption_texts(sample, vocab, ids, lengths))
+        if len(thumbs) < thumbnails:
+            thumbs.append(make_thumbnail(sample["image"]))
         pending.append(_fit_image(sample["image"], pre.image_size, pre.resize))
         if len(pending) >= batch_size:
             flush()
@@ -153,7 +177,7 @@ def encode_split(model: Any, vocab: Vocab, pre: Any, shards_dir: str | Path, spl
     if skipped:
         log.warning("split %s: skipped samples %s", split, skipped)
     return EncodedSplit(split, keys, torch.cat(vec_chunks), caption_vecs, caption_to_image, skipped,
-                        image_seconds, text_seconds)
+                        image_seconds, text_seconds, texts, thumbs)
 
 
 # --- scoring with the head only ---------------------------------------------------------------
@@ -253,8 +277,9 @@ def _threshold(cfg: EvalConfig, model: Any, vocab: Vocab, pre: Any, device: torc
     return metrics.best_threshold(*fixed_pair_scores(model, val, cfg.seed))[0], cfg.val_split
 
 
-def _retrieval(model: Any, enc: EncodedSplit, max_images: int) -> dict[str, Any]:
-    """Retrieval over the first `max_images` images and their captions (a prefix: captions are grouped)."""
+def _retrieval(model: Any, enc: EncodedSplit, max_images: int) -> tuple[dict[str, Any], torch.Tensor]:
+    """Retrieval over the first `max_images` images and their captions (a prefix: captions are grouped);
+    the metrics and the logit matrix [n_img, n_cap] on the CPU."""
     n_img = len(enc.keys) if max_images <= 0 else min(max_images, len(enc.keys))
     n_cap = int(np.sum(enc.caption_to_image < n_img))
     start = time.perf_counter()
@@ -265,7 +290,17 @@ def _retrieval(model: Any, enc: EncodedSplit, max_images: int) -> dict[str, Any]
     result: dict[str, Any] = metrics.retrieval_metrics(matrix.cpu(), enc.caption_to_image[:n_cap])
     return {**result, "retrieval_images": n_img, "retrieval_captions": n_cap,
             "retrieval_seconds": round(time.perf_counter() - start, 4),
-            "retrieval_head_seconds": round(head_seconds, 4)}
+            "retrieval_head_seconds": round(head_seconds, 4)}, matrix.cpu()
+
+
+def _write_report(out: Path, result: dict[str, Any], enc: EncodedSplit, matrix: torch.Tensor, probs: np.ndarray,
+                  labels: np.ndarray, seed: int, plot_files: list[Path]) -> Path:
+    """report.html from what the evaluation already holds: no image or caption is encoded again."""
+    image_idx, caption_idx, _ = fixed_balanced_pairs(enc.caption_to_image, seed)  # the pairs behind `probs`
+    return write_report(out / "report.html", result, torch.sigmoid(matrix.float()).numpy(), enc.caption_to_image,
+                        enc.captions, enc.thumbnails, image_names=enc.keys, plots=plot_files,
+                        pairs=PairScores(image_idx, caption_idx, labels, probs),
+                        title=f"itsim eval: {enc.split} split")
 
 
 def evaluate(cfg: EvalConfig) -> dict[str, Any]:
@@ -280,7 +315,10 @@ def evaluate(cfg: EvalConfig) -> dict[str, Any]:
     model, vocab, pre = load_model(model_dir, device)
     model.eval()
 
-    enc = encode_split(model, vocab, pre, cfg.shards, cfg.split, cfg.batch_size, device)
+    keep = min(cfg.retrieval_images if cfg.retrieval_images > 0 else MAX_THUMBNAILS, MAX_THUMBNAILS)
+    enc = encode_split(model, vocab, pre, cfg.shards, cfg.split, cfg.batch_size, device,
+                       thumbnails=keep if cfg.report else 0)
+    retrieval, matrix = _retrieval(model, enc, cfg.retrieval_images)
     probs, labels = fixed_pair_scores(model, enc, cfg.seed)
     threshold, source = _threshold(cfg, model, vocab, pre, device, probs, labels)
     at_half = metrics.classification_report(probs, labels, 0.5)
@@ -294,7 +332,7 @@ def evaluate(cfg: EvalConfig) -> dict[str, Any]:
         "accuracy_at_best": metrics.accuracy(probs, labels, threshold),
         "balanced_accuracy_at_best": metrics.balanced_accuracy(probs, labels, threshold),
         "roc_auc": metrics.roc_auc(probs, labels), "pr_auc": metrics.pr_auc(probs, labels),
-        **_retrieval(model, enc, cfg.retrieval_images),
+        **retrieval,
         "encode_image_seconds": round(enc.encode_image_seconds, 3),
         "encode_text_seconds": round(enc.encode_text_seconds, 3),
     }
@@ -302,14 +340,18 @@ def evaluate(cfg: EvalConfig) -> dict[str, Any]:
         pair_result, _, _ = evaluate_pair_file(model, vocab, pre, cfg.pairs, cfg.images, threshold,
                                                cfg.batch_size, device)
         result.update(pair_result)
+    plot_files: list[Path] = []
     if cfg.plots:
         written = [plots.plot_roc(probs, labels, out / "roc.png"),
                    plots.plot_score_hist(probs, labels, out / "score_hist.png", threshold),
                    plots.plot_training_curves(model_dir.parent / "metrics.jsonl", out / "training_curves.png")]
-        result["plots"] = [p.name for p in written if p is not None]
+        plot_files = [p for p in written if p is not None]
+        result["plots"] = [p.name for p in plot_files]
     result = _json_safe(result)
     (out / "metrics.json").write_text(json.dumps(result, indent=1))
     log.info("wrote %s", out / "metrics.json")
+    if cfg.report:
+        log.info("wrote %s", _write_report(out, result, enc, matrix, probs, labels, cfg.seed, plot_files))
     return {**result, "out": str(out)}
 
 

@@ -6,7 +6,8 @@ input (tests/eval/test_metrics.py does exactly that). Inputs may be numpy arrays
 Conventions, chosen once and used everywhere:
 - A pair is predicted positive when `score >= threshold`.
 - Undefined ratios (precision with no predicted positives, recall with no positives, ...) are 0.
-- Ranking metrics with a single class present (ROC-AUC, PR-AUC) are NaN: there is nothing to rank.
+- ROC-AUC with a single class present and PR-AUC without positives are NaN: there is nothing to rank
+  (scikit-learn returns 0 for the latter); PR-AUC with only positives is 1.
 - Retrieval ranks are 1-based and count ties pessimistically (a tie with a wrong item ranks the
   true item below it), so a model that gives every pair the same score cannot look perfect.
 - Recall@K values are fractions in [0, 1], not percentages.
