@@ -36,8 +36,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from itsim import __version__
-from itsim import config
+from itsim import __version__, config
 from itsim.errors import UserError
 from itsim.model import ItsimModel, Preprocess, load_model
 
