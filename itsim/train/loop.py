@@ -19,9 +19,8 @@ from typing import Any, TextIO
 
 import torch
 from accelerate.utils import set_seed
-from tqdm.auto import tqdm
 
-from itsim import config
+from itsim import config, progress as progress_lines
 from itsim.data.loader import StreamSpec, batches_per_epoch, make_loader, read_manifest, split_shards
 from itsim.data.pairs import step_generator
 from itsim.errors import UserError
@@ -80,8 +79,9 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     """Train, checkpoint, validate, export `RUN/model/`; returns the final summary."""
     run = setup(cfg)
     stop = StopFlag().install()
-    progress = tqdm(total=run.total, initial=run.step, desc="train", unit="step", dynamic_ncols=True,
-                    disable=not run.accelerator.is_main_process)
+    # A bar on a terminal; in a log file one line per --log-every steps (set_postfix in log_window).
+    progress = progress_lines.progress(run.total, "train", "step", logger=log, initial=run.step, seconds=0,
+                                       disable=not run.accelerator.is_main_process, dynamic_ncols=True)
     window, last_val = Window(), {}
     batch_index = run.step * cfg.grad_accum
     data_iter = iter(run.loader)
@@ -250,7 +250,8 @@ def log_window(run: Run, w: Window, batch_index: int, progress: Any) -> None:
            "images_per_s": n * w.images / w.time, "pairs_per_s": n * w.pairs / w.time,
            "data_wait": w.wait / w.time, "bad_samples": sum(w.bad_samples.values())}
     record(run, row)
-    progress.set_postfix(loss=f"{row['loss']:.3f}", acc=f"{row['train_acc']:.3f}", img_s=f"{row['images_per_s']:.0f}")
+    progress.set_postfix(**{"loss": f"{row['loss']:.4f}", "acc": f"{row['train_acc']:.3f}",
+                            "img/s": f"{row['images_per_s']:.0f}", "data wait": f"{row['data_wait']:.0%}"})
 
 
 def validate(run: Run) -> dict[str, Any]:

@@ -25,10 +25,10 @@ from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
-from tqdm import tqdm
 
 from itsim.io import atomic_write, ray_session, temp_name
 from itsim.images import ImageError, encode_jpeg, load_image, safe_path_in
+from itsim.progress import every_tenth, progress
 from itsim.text import Vocab
 
 log = logging.getLogger(__name__)
@@ -301,7 +301,7 @@ def start_workers_early() -> None:
         forkserver.ensure_running()
 
 
-def _run_processes(todo: list[ShardTask], workers: int, bar: tqdm) -> list[dict]:
+def _run_processes(todo: list[ShardTask], workers: int, bar: Any) -> list[dict]:
     if workers <= 1:
         return [write_shard(task, progress=bar.update) for task in todo]
     results = []
@@ -317,7 +317,7 @@ def _run_processes(todo: list[ShardTask], workers: int, bar: tqdm) -> list[dict]
     return results
 
 
-def _run_ray(todo: list[ShardTask], workers: int, address: str | None, bar: tqdm) -> list[dict]:
+def _run_ray(todo: list[ShardTask], workers: int, address: str | None, bar: Any) -> list[dict]:
     with ray_session(address, num_cpus=workers or None) as ray:
         remote = ray.remote(num_cpus=1, max_retries=2)(write_shard)
         pending = [remote.remote(task) for task in todo]
@@ -344,7 +344,8 @@ def run_shards(tasks: list[ShardTask], workers: int = 0, engine: str = "processe
     n_workers = min(workers or os.cpu_count() or 1, max(len(todo), 1))
     n_images = sum(len(t.items) for t in todo)
     start = time.perf_counter()
-    with tqdm(total=n_images, unit="img", desc="build-shards", smoothing=0.1, mininterval=0.5) as bar:
+    with progress(n_images, "build-shards", "img", logger=log, every=every_tenth(n_images), smoothing=0.1,
+                  mininterval=0.5) as bar:
         if todo and engine == "ray":
             results = _run_ray(todo, workers, ray_address, bar)
         else:
