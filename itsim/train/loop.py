@@ -26,7 +26,7 @@ from itsim.data.pairs import step_generator
 from itsim.errors import UserError
 from itsim.model import ItsimModel, Preprocess, count_parameters, images_to_float, save_model
 from itsim.text import Vocab
-from itsim.train import checkpoint
+from itsim.train import checkpoint, trackers as tracking
 from itsim.train.augment import augment, parse_ops
 from itsim.train.config import TrainConfig, lr_at
 from itsim.train.objective import step_loss
@@ -43,7 +43,7 @@ class Run:
 
     cfg: TrainConfig
     accelerator: Any
-    trackers: str | None
+    trackers: list[str]
     model: torch.nn.Module
     optimizer: torch.optim.Optimizer
     loader: Any
@@ -171,8 +171,8 @@ def setup(cfg: TrainConfig) -> Run:
     val = None
     if accelerator.is_main_process and manifest.get("splits", {}).get(cfg.val_split, {}).get("shards"):
         val = ValidationSet.from_shards(cfg.shards, cfg.val_split, cfg.val_max_images)
-    if trackers:
-        accelerator.init_trackers("itsim", config=config.to_dict(cfg))
+    if trackers:  # each started on its own: one that fails only warns (trackers.py)
+        tracking.start(accelerator, config.to_dict(cfg), out)
     run = Run(cfg=cfg, accelerator=accelerator, trackers=trackers, model=model, optimizer=optimizer, loader=loader,
               val=val, vocab=vocab, pre=pre, out=out, n_train=n_train, batches_per_epoch=bpe, total=total,
               workers=workers, step=step, aug_ops=aug_ops)
@@ -268,7 +268,7 @@ def record(run: Run, row: dict[str, Any]) -> None:
         run.metrics_file.write(json.dumps(row) + "\n")
         run.metrics_file.flush()
         if run.trackers:
-            run.accelerator.log({k: v for k, v in row.items() if k != "step"}, step=row["step"])
+            tracking.log_values(run.accelerator, {k: v for k, v in row.items() if k != "step"}, row["step"])
 
 
 def save_checkpoint(run: Run) -> None:
@@ -306,7 +306,7 @@ def finish(run: Run, last_val: dict[str, Any]) -> dict[str, Any]:
         (run.out / "train_summary.json").write_text(json.dumps(summary, indent=2))
         log.info("model written to %s", model_dir)
     if run.trackers:
-        run.accelerator.end_training()
+        tracking.finish(run.accelerator)
     return summary
 
 

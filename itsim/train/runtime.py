@@ -6,7 +6,6 @@ maths.
 from __future__ import annotations
 
 import hashlib
-import importlib.util
 import logging
 import os
 import signal
@@ -19,6 +18,7 @@ from accelerate.state import AcceleratorState
 from accelerate.utils import InitProcessGroupKwargs, ProjectConfiguration
 
 from itsim.errors import UserError
+from itsim.train import trackers as tracking
 from itsim.train.config import TrainConfig
 
 log = logging.getLogger("itsim.train")
@@ -54,10 +54,11 @@ def mixed_precision(cfg: TrainConfig) -> str:
 
 
 def make_accelerator(cfg: TrainConfig):
-    trackers = None
-    if cfg.tensorboard:
-        if importlib.util.find_spec("tensorboard") or importlib.util.find_spec("tensorboardX"):
-            trackers = "tensorboard"
+    """The Accelerator, and the trackers (`--report-to`) it was given, which `trackers.start` starts."""
+    try:
+        trackers = tracking.resolve(cfg)
+    except ValueError as exc:
+        raise UserError(str(exc)) from None
     mp = mixed_precision(cfg)
     if int(os.environ.get("WORLD_SIZE", "1")) == 1:
         # Accelerate keeps process-wide state; a second in-process run (tests, notebooks, the demo)
@@ -66,7 +67,7 @@ def make_accelerator(cfg: TrainConfig):
     accelerator = Accelerator(
         mixed_precision=mp,
         gradient_accumulation_steps=cfg.grad_accum,
-        log_with=trackers,
+        log_with=trackers or None,
         project_config=ProjectConfiguration(project_dir=cfg.out, logging_dir=str(Path(cfg.out) / "tb")),
         kwargs_handlers=[InitProcessGroupKwargs(timeout=timedelta(seconds=cfg.dist_timeout))],
     )
