@@ -59,6 +59,8 @@ class Run:
     aug_ops: tuple[str, ...] = ()
     metrics_file: TextIO | None = None
     audit_file: TextIO | None = None
+    last_checkpoint: Path | None = None
+    stopped_by: str | None = None  # the signal that stopped training early
 
 
 @dataclass
@@ -110,6 +112,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
             if run.step % cfg.checkpoint_every == 0 or run.step == run.total or should_stop:
                 save_checkpoint(run)
             if should_stop:
+                run.stopped_by = stop.signal or "a signal on another rank"
                 log.warning("stopped by signal at step %d; resume with --resume auto", run.step)
                 break
     except checkpoint.CheckpointError as exc:
@@ -272,7 +275,7 @@ def record(run: Run, row: dict[str, Any]) -> None:
 
 
 def save_checkpoint(run: Run) -> None:
-    checkpoint.save(run.accelerator, run.out / "checkpoints", run.step, {
+    run.last_checkpoint = checkpoint.save(run.accelerator, run.out / "checkpoints", run.step, {
         "epoch": run.step * run.cfg.grad_accum // run.batches_per_epoch,
         "batches_consumed": run.step * run.cfg.grad_accum, "workers": run.workers,
         "world_size": run.accelerator.num_processes, "seed": run.cfg.seed, "total_steps": run.total,
@@ -297,7 +300,8 @@ def close_files(run: Run) -> None:
 
 def finish(run: Run, last_val: dict[str, Any]) -> dict[str, Any]:
     """Export `RUN/model/` when training reached its last step; the summary either way."""
-    summary = {"step": run.step, "total_steps": run.total, "stopped_early": run.step < run.total, **last_val}
+    summary = {"step": run.step, "total_steps": run.total, "stopped_early": run.step < run.total, **last_val,
+               "stopped_by": run.stopped_by, "checkpoint": str(run.last_checkpoint) if run.last_checkpoint else None}
     run.accelerator.wait_for_everyone()
     if run.accelerator.is_main_process and run.step >= run.total:
         model_dir = save_model(run.out / "model", run.accelerator.unwrap_model(run.model), run.vocab, run.pre,
