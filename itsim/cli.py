@@ -10,7 +10,7 @@ import importlib
 import logging
 import sys
 
-from itsim.errors import UserError
+from itsim.errors import Interrupted, UserError
 
 COMMANDS = {
     "synth": "itsim.data.synth",
@@ -45,6 +45,9 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as exc:
         print(f"itsim {args.command}: error: {exc}", file=sys.stderr)
         return 2
+    except Interrupted as exc:
+        print(f"itsim {args.command}: {exc}", file=sys.stderr)
+        return exc.exit_code
     except KeyboardInterrupt:
         print(f"itsim {args.command}: interrupted", file=sys.stderr)
         return 130

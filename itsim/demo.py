@@ -7,9 +7,11 @@ stages run at full size on real data (see docs/results.md and launch/).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import os
+import shlex
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,7 +21,7 @@ from itsim import config
 from itsim.data import shards, synth
 from itsim.eval import EvalConfig, evaluate
 from itsim.score.ray_job import ScoreConfig, run_score
-from itsim.train import TrainConfig, train
+from itsim.train import TrainConfig, check_finished, train
 
 log = logging.getLogger("itsim.demo")
 
@@ -40,6 +42,17 @@ class DemoConfig:
     workers: int = field(default=0, metadata={"help": "processes for synth/shards; 0 = all CPUs"})
     loader_workers: int = field(default=1, metadata={"help": "DataLoader workers while training"})
     min_accuracy: float = field(default=0.90, metadata={"help": "fail when val balanced accuracy is lower"})
+
+
+def resume_command(cfg: DemoConfig) -> str:
+    """The command that carries on this demo: the same flags again. Every stage resumes: synth is skipped
+    when its CSV exists, build-shards keeps complete shards, training uses `--resume auto`."""
+    flags = [f"--out {shlex.quote(cfg.out)}"]
+    for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name)
+        if f.name != "out" and value != f.default:
+            flags.append(f"--{f.name.replace('_', '-')} {shlex.quote(str(value))}")
+    return "itsim demo " + " ".join(flags)
 
 
 def _stage(name: str) -> float:
@@ -79,7 +92,9 @@ def run(cfg: DemoConfig) -> dict[str, Any]:
         resume="auto", seed=cfg.seed, channels=(32, 64, 96, 128), embed_dim=64, lstm_hidden=64, text_dim=128,
         image_dim=256, head_dim=128, lstm_layers=2, cnn_dropout=0.1, lstm_dropout=0.1, head_dropout=0.1,
         fusion=cfg.fusion, tensorboard=False)
-    train(train_cfg)
+    # Stopped by SIGTERM/SIGINT: the trainer checkpointed and returned; no model to evaluate, so stop here
+    # (itsim exits 128 + the signal's number, with one line naming the checkpoint and the resume command).
+    check_finished(train(train_cfg), resume_command(cfg))
     timings["train_s"] = time.perf_counter() - t
 
     t = _stage("4/5 evaluate on val")

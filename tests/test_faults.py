@@ -26,6 +26,7 @@ import pytest
 from safetensors.torch import load_file
 
 from conftest import TINY_MODEL
+from itsim.data.shards.writer import MEMBERS
 from itsim.train import checkpoint
 from itsim.cli import main as cli_main
 
@@ -634,7 +635,8 @@ def test_iter_split_counts_a_shard_cut_on_a_member_boundary_as_unreadable_shard_
     shard = folder / "train-000002.tar"
     with tarfile.open(shard) as tar:
         members = tar.getmembers()
-    first = len(members) // 2 - (len(members) // 2) % 4  # a sample's first member (4 members per sample)
+    per_sample = len(MEMBERS)
+    first = len(members) // 2 - (len(members) // 2) % per_sample  # a sample's first member
     cut = members[first]
     assert cut.name.split(".", 1)[0] != members[first - 1].name.split(".", 1)[0]
     shard.write_bytes(shard.read_bytes()[:cut.offset])

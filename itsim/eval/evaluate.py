@@ -23,7 +23,6 @@ from typing import Any
 import numpy as np
 import torch
 from PIL import Image
-from tqdm import tqdm
 
 from itsim import config
 from itsim.data.captions import read_pairs
@@ -34,6 +33,7 @@ from itsim.eval import metrics, plots
 from itsim.images import ImageError, load_image, resize, safe_path, to_array
 from itsim.eval.report import PairScores, make_thumbnail, write_report
 from itsim.model import encode_captions, encode_images, load_model, resolve_device, score_all_pairs
+from itsim.progress import track
 from itsim.text import Vocab
 
 log = logging.getLogger(__name__)
@@ -152,7 +152,8 @@ def encode_split(model: Any, vocab: Vocab, pre: Any, shards_dir: str | Path, spl
         image_seconds += time.perf_counter() - start
         pending.clear()
 
-    for sample in tqdm(iter_split(shards_dir, split, skipped), desc=f"encode {split} images", unit="img", leave=False):
+    for sample in track(iter_split(shards_dir, split, skipped), f"encode {split} images", "img", logger=log,
+                        leave=False):
         ids, lengths = _caption_arrays(sample, vocab, shard_vocab_ok, pre.max_len)
         if ids.shape[0] == 0:
             skipped["no_captions"] = skipped.get("no_captions", 0) + 1
@@ -218,7 +219,7 @@ def evaluate_pair_file(model: Any, vocab: Vocab, pre: Any, pairs_path: str | Pat
     vecs: list[torch.Tensor] = []
     pending: list[np.ndarray] = []
     names = sorted(rows_per_image.index)
-    for i, name in enumerate(tqdm(names, desc="encode pair images", unit="img", leave=False)):
+    for i, name in enumerate(track(names, "encode pair images", "img", logger=log, leave=False)):
         try:
             pending.append(to_array(load_image(safe_path(images_dir, name), pre.image_size, pre.resize)))
             loaded.append(name)

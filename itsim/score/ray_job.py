@@ -21,6 +21,7 @@ import json
 import logging
 import os
 import shutil
+import sys
 import time
 from collections import Counter
 from pathlib import Path
@@ -37,6 +38,7 @@ from itsim import config
 from itsim.errors import UserError
 from itsim.io import ray_session
 from itsim.model import Preprocess, load_model
+from itsim.progress import interactive
 from itsim.score.columns import IDS, IMAGE_KEY, JPG, LENGTHS, PIXELS, READ_ERROR, tensor_column
 from itsim.score.config import OUR_OUTPUTS, ScoreConfig
 from itsim.score.read import ScoreInputs, check_tables, detect_format, expand_inputs
@@ -114,6 +116,29 @@ def prepared_dataset(cfg: ScoreConfig, res: Resources, source: Any, pre: Preproc
         batch_size=cfg.batch_size, num_cpus=res.prep_cpus)
 
 
+# --- what the job prints -------------------------------------------------------------------------
+
+# Ray's core worker prints this at error level for every actor of a Ray Data actor pool, with or without
+# our model: Ray Data itself passes each pool actor its DataContext and its map function through the
+# object store (ray.put) and restarts actors by default (ray-project/ray#57733, open). Only
+# `max_restarts=0` silences it, which would lose the restart of a killed scoring actor
+# (tests/test_faults.py). It is harmless here: the driver holds those objects, and the model bytes
+# (resources.put_model), until the job ends, so a restarted actor still finds them.
+RAY_ACTOR_ARGS_NOTE = ("Ray may print 'Actor ... has constructor arguments in the object store and max_restarts "
+                       "> 0' once per scoring actor: harmless here (Ray Data ships each actor its own settings "
+                       "through the object store, ray-project/ray#57733; this process keeps them, and the model, "
+                       "until the job ends, so a restarted actor finds them)")
+
+
+def quiet_progress_bars() -> None:
+    """Ray Data draws its bars when stdout is a terminal and otherwise logs a plain summary every 10 s
+    (RAY_DATA_NON_TTY_PROGRESS_LOG_INTERVAL). The bars go to stderr: with only stderr redirected to a
+    file they would fill it with carriage-return fragments, so there they are turned off (the job's
+    summary line still says what was done)."""
+    if sys.stdout.isatty() and not interactive():
+        ray.data.DataContext.get_current().enable_progress_bars = False
+
+
 # --- output ---------------------------------------------------------------------------------------
 
 def prepare_output(out: Path, overwrite: bool) -> None:
@@ -183,6 +208,8 @@ def run_score(cfg: ScoreConfig) -> dict[str, Any]:
                  "preprocessing tasks %g CPU", len(files), fmt, res.workers, res.cpus_per_worker,
                  res.gpus_per_worker, res.threads, res.prep_cpus)
         model_ref = put_model(cfg.model)
+        quiet_progress_bars()
+        log.info("%s", RAY_ACTOR_ARGS_NOTE)
         if cfg.mode == "topk":
             counts = run_topk(cfg, res, files, fmt, columns, pre, vocab, model_ref, out)
         else:

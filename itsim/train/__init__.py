@@ -5,5 +5,6 @@ cross-rank helpers), objective (one step's loss), augment, validate and checkpoi
 """
 from itsim.train.config import TrainConfig, lr_at
 from itsim.train.loop import add_cli, run, train
+from itsim.train.runtime import check_finished
 
-__all__ = ["TrainConfig", "add_cli", "lr_at", "run", "train"]
+__all__ = ["TrainConfig", "add_cli", "check_finished", "lr_at", "run", "train"]

@@ -47,7 +47,12 @@ class TrainConfig:
     sync_bn: bool = field(default=False, metadata={"help": "SyncBatchNorm across GPUs"})
     compile: bool = field(default=False, metadata={"help": "torch.compile the image encoder and head"})
     dist_timeout: int = field(default=600, metadata={"help": "seconds before a stuck collective fails"})
-    tensorboard: bool = field(default=True, metadata={"help": "log to TensorBoard when it is installed"})
+    report_to: str = field(default="auto", metadata={
+        "help": "experiment trackers: auto (TensorBoard when installed), tensorboard, wandb, mlflow, all, none, "
+                "or a comma list; a tracker that fails only warns"})
+    tensorboard: bool | None = field(default=None, metadata={
+        "help": "alias kept from earlier versions: --tensorboard adds TensorBoard to --report-to, "
+                "--no-tensorboard removes it"})
     audit: bool = field(default=False, metadata={
         "help": "each rank writes the sample keys it trained on and a parameter checksum to RUN/audit/"})
     # Model sizes (defaults: the reference design).

@@ -19,15 +19,14 @@ from typing import Any, TextIO
 
 import torch
 from accelerate.utils import set_seed
-from tqdm.auto import tqdm
 
-from itsim import config
+from itsim import config, progress as progress_lines
 from itsim.data.loader import StreamSpec, batches_per_epoch, make_loader, read_manifest, split_shards
 from itsim.data.pairs import step_generator
 from itsim.errors import UserError
 from itsim.model import ItsimModel, Preprocess, count_parameters, images_to_float, save_model
 from itsim.text import Vocab
-from itsim.train import checkpoint
+from itsim.train import checkpoint, trackers as tracking
 from itsim.train.augment import augment, parse_ops
 from itsim.train.config import TrainConfig, lr_at
 from itsim.train.objective import step_loss
@@ -44,7 +43,7 @@ class Run:
 
     cfg: TrainConfig
     accelerator: Any
-    trackers: str | None
+    trackers: list[str]
     model: torch.nn.Module
     optimizer: torch.optim.Optimizer
     loader: Any
@@ -60,6 +59,8 @@ class Run:
     aug_ops: tuple[str, ...] = ()
     metrics_file: TextIO | None = None
     audit_file: TextIO | None = None
+    last_checkpoint: Path | None = None
+    stopped_by: str | None = None  # the signal that stopped training early
 
 
 @dataclass
@@ -80,8 +81,9 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     """Train, checkpoint, validate, export `RUN/model/`; returns the final summary."""
     run = setup(cfg)
     stop = StopFlag().install()
-    progress = tqdm(total=run.total, initial=run.step, desc="train", unit="step", dynamic_ncols=True,
-                    disable=not run.accelerator.is_main_process)
+    # A bar on a terminal; in a log file one line per --log-every steps (set_postfix in log_window).
+    progress = progress_lines.progress(run.total, "train", "step", logger=log, initial=run.step, seconds=0,
+                                       disable=not run.accelerator.is_main_process, dynamic_ncols=True)
     window, last_val = Window(), {}
     batch_index = run.step * cfg.grad_accum
     data_iter = iter(run.loader)
@@ -110,6 +112,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
             if run.step % cfg.checkpoint_every == 0 or run.step == run.total or should_stop:
                 save_checkpoint(run)
             if should_stop:
+                run.stopped_by = stop.signal or "a signal on another rank"
                 log.warning("stopped by signal at step %d; resume with --resume auto", run.step)
                 break
     except checkpoint.CheckpointError as exc:
@@ -171,8 +174,8 @@ def setup(cfg: TrainConfig) -> Run:
     val = None
     if accelerator.is_main_process and manifest.get("splits", {}).get(cfg.val_split, {}).get("shards"):
         val = ValidationSet.from_shards(cfg.shards, cfg.val_split, cfg.val_max_images)
-    if trackers:
-        accelerator.init_trackers("itsim", config=config.to_dict(cfg))
+    if trackers:  # each started on its own: one that fails only warns (trackers.py)
+        tracking.start(accelerator, config.to_dict(cfg), out)
     run = Run(cfg=cfg, accelerator=accelerator, trackers=trackers, model=model, optimizer=optimizer, loader=loader,
               val=val, vocab=vocab, pre=pre, out=out, n_train=n_train, batches_per_epoch=bpe, total=total,
               workers=workers, step=step, aug_ops=aug_ops)
@@ -250,7 +253,8 @@ def log_window(run: Run, w: Window, batch_index: int, progress: Any) -> None:
            "images_per_s": n * w.images / w.time, "pairs_per_s": n * w.pairs / w.time,
            "data_wait": w.wait / w.time, "bad_samples": sum(w.bad_samples.values())}
     record(run, row)
-    progress.set_postfix(loss=f"{row['loss']:.3f}", acc=f"{row['train_acc']:.3f}", img_s=f"{row['images_per_s']:.0f}")
+    progress.set_postfix(**{"loss": f"{row['loss']:.4f}", "acc": f"{row['train_acc']:.3f}",
+                            "img/s": f"{row['images_per_s']:.0f}", "data wait": f"{row['data_wait']:.0%}"})
 
 
 def validate(run: Run) -> dict[str, Any]:
@@ -267,11 +271,11 @@ def record(run: Run, row: dict[str, Any]) -> None:
         run.metrics_file.write(json.dumps(row) + "\n")
         run.metrics_file.flush()
         if run.trackers:
-            run.accelerator.log({k: v for k, v in row.items() if k != "step"}, step=row["step"])
+            tracking.log_values(run.accelerator, {k: v for k, v in row.items() if k != "step"}, row["step"])
 
 
 def save_checkpoint(run: Run) -> None:
-    checkpoint.save(run.accelerator, run.out / "checkpoints", run.step, {
+    run.last_checkpoint = checkpoint.save(run.accelerator, run.out / "checkpoints", run.step, {
         "epoch": run.step * run.cfg.grad_accum // run.batches_per_epoch,
         "batches_consumed": run.step * run.cfg.grad_accum, "workers": run.workers,
         "world_size": run.accelerator.num_processes, "seed": run.cfg.seed, "total_steps": run.total,
@@ -296,7 +300,8 @@ def close_files(run: Run) -> None:
 
 def finish(run: Run, last_val: dict[str, Any]) -> dict[str, Any]:
     """Export `RUN/model/` when training reached its last step; the summary either way."""
-    summary = {"step": run.step, "total_steps": run.total, "stopped_early": run.step < run.total, **last_val}
+    summary = {"step": run.step, "total_steps": run.total, "stopped_early": run.step < run.total, **last_val,
+               "stopped_by": run.stopped_by, "checkpoint": str(run.last_checkpoint) if run.last_checkpoint else None}
     run.accelerator.wait_for_everyone()
     if run.accelerator.is_main_process and run.step >= run.total:
         model_dir = save_model(run.out / "model", run.accelerator.unwrap_model(run.model), run.vocab, run.pre,
@@ -305,7 +310,7 @@ def finish(run: Run, last_val: dict[str, Any]) -> dict[str, Any]:
         (run.out / "train_summary.json").write_text(json.dumps(summary, indent=2))
         log.info("model written to %s", model_dir)
     if run.trackers:
-        run.accelerator.end_training()
+        tracking.finish(run.accelerator)
     return summary
 
 

@@ -6,7 +6,6 @@ maths.
 from __future__ import annotations
 
 import hashlib
-import importlib.util
 import logging
 import os
 import signal
@@ -18,7 +17,8 @@ from accelerate import Accelerator
 from accelerate.state import AcceleratorState
 from accelerate.utils import InitProcessGroupKwargs, ProjectConfiguration
 
-from itsim.errors import UserError
+from itsim.errors import Interrupted, UserError
+from itsim.train import trackers as tracking
 from itsim.train.config import TrainConfig
 
 log = logging.getLogger("itsim.train")
@@ -29,6 +29,7 @@ class StopFlag:
 
     def __init__(self) -> None:
         self.raised = False
+        self.signal: str | None = None  # the first signal's name, for the summary
         self._old = {}
 
     def install(self) -> "StopFlag":
@@ -39,11 +40,26 @@ class StopFlag:
     def _handle(self, signum, frame) -> None:
         if not self.raised:
             log.warning("received %s: finishing this step, then checkpointing", signal.Signals(signum).name)
+            self.signal = signal.Signals(signum).name
         self.raised = True
 
     def restore(self) -> None:
         for sig, old in self._old.items():
             signal.signal(sig, old)
+
+
+def check_finished(summary: dict, resume_command: str) -> None:
+    """For commands that wrap training (the demo): training stopped by a signal checkpoints and returns
+    normally (exit 0 for `itsim train`, as preemptible clusters expect), but its model was never
+    exported, so the wrapper must stop here instead of going on to evaluate it. Raises `Interrupted`
+    with one line: the step, the checkpoint and the command that resumes."""
+    if not summary.get("stopped_early"):
+        return
+    name = summary.get("stopped_by") or "SIGTERM"
+    number = getattr(signal.Signals, name, signal.SIGTERM)
+    raise Interrupted(f"training was interrupted by {name} at step {summary['step']} of {summary['total_steps']}; "
+                      f"checkpoint {summary.get('checkpoint') or 'none'}; resume with: {resume_command}",
+                      128 + int(number))
 
 
 def mixed_precision(cfg: TrainConfig) -> str:
@@ -54,10 +70,11 @@ def mixed_precision(cfg: TrainConfig) -> str:
 
 
 def make_accelerator(cfg: TrainConfig):
-    trackers = None
-    if cfg.tensorboard:
-        if importlib.util.find_spec("tensorboard") or importlib.util.find_spec("tensorboardX"):
-            trackers = "tensorboard"
+    """The Accelerator, and the trackers (`--report-to`) it was given, which `trackers.start` starts."""
+    try:
+        trackers = tracking.resolve(cfg)
+    except ValueError as exc:
+        raise UserError(str(exc)) from None
     mp = mixed_precision(cfg)
     if int(os.environ.get("WORLD_SIZE", "1")) == 1:
         # Accelerate keeps process-wide state; a second in-process run (tests, notebooks, the demo)
@@ -66,7 +83,7 @@ def make_accelerator(cfg: TrainConfig):
     accelerator = Accelerator(
         mixed_precision=mp,
         gradient_accumulation_steps=cfg.grad_accum,
-        log_with=trackers,
+        log_with=trackers or None,
         project_config=ProjectConfiguration(project_dir=cfg.out, logging_dir=str(Path(cfg.out) / "tb")),
         kwargs_handlers=[InitProcessGroupKwargs(timeout=timedelta(seconds=cfg.dist_timeout))],
     )

@@ -21,7 +21,7 @@ import pytest
 from PIL import Image
 
 from itsim.cli import main as cli_main
-from itsim.data.shards.writer import _tar_header, _tarinfo, make_keys
+from itsim.data.shards.writer import MEMBERS, _tar_header, _tarinfo, make_keys
 from itsim.data.shards import FailureRateError, ShardConfig, build_shards
 from itsim.errors import UserError
 from itsim.images import load_image
@@ -107,6 +107,7 @@ def test_round_trip_pixels_ids_and_layout(small, tmp_path):
         meta = json.loads(sample["json"])
         assert set(meta) == {"image", "captions", "caption_idx", "split", "source"}
         assert meta["source"] == "results.csv" and meta["caption_idx"] == [0, 1]
+        assert sample["txt"].decode() == meta["captions"][0]  # for open_clip / img2dataset-style readers
         assert Path(sample["__url__"]).name.startswith(meta["split"] + "-")
         stored = np.asarray(Image.open(io.BytesIO(sample["jpg"])))
         expected = np.asarray(load_image(images / meta["image"], SIZE, "stretch"))
@@ -123,13 +124,86 @@ def test_round_trip_pixels_ids_and_layout(small, tmp_path):
         for name in entry["shards"]:
             with tarfile.open(out / name) as tar:
                 members = tar.getmembers()
-            assert len(members) <= 4 * 4 and all(m.mtime == 0 for m in members)
+            assert len(members) <= 4 * len(MEMBERS) and all(m.mtime == 0 for m in members)
+            assert [m.name.split(".", 1)[1] for m in members[:len(MEMBERS)]] == list(MEMBERS)
             stats = json.loads((out / name.replace(".tar", "_stats.json")).read_text())
-            assert stats["bytes"] == (out / name).stat().st_size and stats["images_ok"] == len(members) // 4
+            assert stats["bytes"] == (out / name).stat().st_size
+            assert stats["images_ok"] == len(members) // len(MEMBERS)
     assert sum(e["images"] for e in manifest["splits"].values()) == 14
     assert manifest["vocab"] == {"file": "vocab.json", "hash": vocab.hash, "size": len(vocab), "source": "train split"}
     assert manifest["config"]["image_size"] == SIZE and manifest["source"]["format"] == "flickr30k_csv"
     assert (out / "failures.jsonl").read_text() == ""
+
+
+# ---- other readers: plain webdataset (open_clip style), wids indexes, Ray Data ----------------------
+
+def _first_captions(out: Path, split: str) -> dict[str, str]:
+    """Sample key -> first caption, from the json member, for every sample of a split."""
+    manifest = json.loads((out / "manifest.json").read_text())
+    return {s["__key__"]: json.loads(s["json"])["captions"][0] for s in read_shards(out)
+            if Path(s["__url__"]).name in manifest["splits"][split]["shards"]}
+
+
+def test_plain_webdataset_reads_every_sample_as_jpg_and_txt_through_the_brace_pattern(small, tmp_path):
+    import braceexpand
+    import webdataset as wds
+
+    out = tmp_path / "out"
+    manifest = build_shards(cfg_for(small[0], small[1], out))
+    for split, entry in manifest["splits"].items():
+        if not entry["shards"]:
+            assert entry["pattern"] is None and entry["index"] is None
+            continue
+        assert list(braceexpand.braceexpand(entry["pattern"])) == entry["shards"]
+        assert entry["samples_per_shard"] == [json.loads((out / n.replace(".tar", "_stats.json")).read_text())
+                                              ["images_ok"] for n in entry["shards"]]
+        pipeline = wds.WebDataset(str(out / entry["pattern"]), shardshuffle=False).decode("pil").to_tuple(
+            "__key__", "jpg", "txt")
+        got = {key: (img.size, txt) for key, img, txt in pipeline}
+        want = _first_captions(out, split)
+        assert len(got) == entry["images"] == sum(entry["samples_per_shard"]) == len(want)
+        assert got == {key: ((SIZE, SIZE), caption) for key, caption in want.items()}
+
+
+def test_wids_index_per_split_lists_every_shard_with_its_samples(small, tmp_path):
+    import webdataset as wds
+
+    out = tmp_path / "out"
+    manifest = build_shards(cfg_for(small[0], small[1], out))
+    indexed = 0
+    for split, entry in manifest["splits"].items():
+        if not entry["shards"]:
+            assert not (out / f"{split}.wids.json").exists()
+            continue
+        assert entry["index"] == f"{split}.wids.json"
+        index = json.loads((out / entry["index"]).read_text())
+        # The format of webdataset's `widsindex create` (wids/wids_index.py), with URLs relative to the index.
+        assert set(index) == {"__kind__", "wids_version", "shardlist"}
+        assert index["__kind__"] == "wids-shard-index-v1" and index["wids_version"] == 1
+        assert [s["url"] for s in index["shardlist"]] == entry["shards"]
+        for shard in index["shardlist"]:
+            assert set(shard) == {"url", "md5sum", "nsamples", "filesize"}
+            data = (out / shard["url"]).read_bytes()
+            assert shard["md5sum"] == hashlib.md5(data).hexdigest() and shard["filesize"] == len(data)
+            assert shard["nsamples"] == len(list(wds.WebDataset(str(out / shard["url"]), shardshuffle=False)))
+            indexed += shard["nsamples"]
+    assert indexed == 14
+    # A rebuild whose plan has no test split any more removes the stale test index.
+    build_shards(cfg_for(small[0], small[1], out, splits=(0.7, 0.3, 0.0), overwrite=True))
+    assert not (out / "test.wids.json").exists() and (out / "val.wids.json").exists()
+
+
+@pytest.mark.timeout(300)
+def test_ray_read_webdataset_reads_every_sample(small, tmp_path, ray_local):
+    out = tmp_path / "out"
+    manifest = build_shards(cfg_for(small[0], small[1], out))
+    paths = [str(out / name) for entry in manifest["splits"].values() for name in entry["shards"]]
+    rows = ray_local.data.read_webdataset(paths).take_all()  # Ray's own decoding of every member
+    want = {k: c for split in ("train", "val", "test") for k, c in _first_captions(out, split).items()}
+    assert len(rows) == 14 == len(want)
+    assert {r["__key__"]: r["txt"] for r in rows} == want
+    assert all(r["jpg"].shape == (SIZE, SIZE, 3) and r["json"]["captions"][0] == r["txt"] for r in rows)
+    assert all(r["ids.npy"].shape == (2, 100) and r["lengths.npy"].shape == (2,) for r in rows)
 
 
 def check_recorded_hashes(out: Path) -> int:
@@ -141,10 +215,11 @@ def check_recorded_hashes(out: Path) -> int:
         data = (out / name).read_bytes()
         stats = json.loads((out / name.replace(".tar", "_stats.json")).read_text())
         assert stats["sha256"] == hashlib.sha256(data).hexdigest() and stats["bytes"] == len(data), name
+        assert stats["md5"] == hashlib.md5(data).hexdigest(), name
         again = io.BytesIO()
         with tarfile.open(fileobj=io.BytesIO(data)) as tar, \
                 tarfile.open(fileobj=again, mode="w", format=tarfile.USTAR_FORMAT) as copy:
-            assert len(tar.getmembers()) == 4 * stats["images_ok"]
+            assert len(tar.getmembers()) == len(MEMBERS) * stats["images_ok"]
             for member in tar.getmembers():
                 copy.addfile(member, tar.extractfile(member))
         assert again.getvalue() == data, name
@@ -168,7 +243,8 @@ def test_recorded_sha256_matches_shards_with_failures(small, messy, tmp_path):
     assert check_recorded_hashes(tmp_path / "out") == 1
 
 
-@pytest.mark.parametrize("name", ["a.jpg", "k" * 100, "ü" * 50, "\udcff.json", "k" * 101, "dir/" + "k" * 99])
+@pytest.mark.parametrize("name", ["a.jpg", "a.txt", "k" * 96 + ".txt", "k" * 100, "ü" * 50, "\udcff.json", "k" * 101,
+                                  "dir/" + "k" * 99])
 @pytest.mark.parametrize("size", [0, 511, 512, 30000, 8 ** 11 - 1, 8 ** 11])
 def test_member_headers_are_the_ones_tarfile_writes(name, size):
     # Shards are compared by hash across versions and worker counts; the fast header must not drift.

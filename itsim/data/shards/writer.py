@@ -25,16 +25,20 @@ from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
-from tqdm import tqdm
 
 from itsim.io import atomic_write, ray_session, temp_name
 from itsim.images import ImageError, encode_jpeg, load_image, safe_path_in
+from itsim.progress import every_tenth, progress
 from itsim.text import Vocab
 
 log = logging.getLogger(__name__)
 
 _UNSAFE = re.compile(r"[^A-Za-z0-9_-]+")
 _KEY_MAX = 60  # USTAR member names are limited to 100 characters; key + ".lengths.npy" must fit
+# A sample's members, in the order written (sorted, as webdataset's TarWriter orders them). `txt` (the
+# first caption) is for other readers (open_clip `--wds-caption-key txt`, img2dataset-style pipelines);
+# `json` keeps every caption; itsim's own readers use json and the token arrays.
+MEMBERS = ("ids.npy", "jpg", "json", "lengths.npy", "txt")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -74,12 +78,14 @@ class ShardTask:
 
     def plan_hash(self) -> str:
         """Identifies what this shard should contain; independent of where OUT lives."""
-        # The same JSON as json.dumps(dataclasses.asdict(self)) gave, without asdict's deep copy of every
-        # item (a measurable share of a shard's time); the hash is stored in _stats.json, so it must not change.
+        # The JSON of the task's fields without asdict's deep copy of every item (a measurable share of a
+        # shard's time); the hash is stored in _stats.json, so it changes only when a shard's content does.
         fields: dict[str, Any] = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
         fields.pop("out_dir")
         fields["items"] = [{f.name: getattr(item, f.name) for f in dataclasses.fields(item)} for item in self.items]
         fields["vocab_words"] = hashlib.sha256("\n".join(self.vocab_words).encode()).hexdigest()
+        # What a sample holds is part of the plan: shards written before a member was added are rewritten.
+        fields["members"] = list(MEMBERS)
         return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -166,11 +172,13 @@ class _TarOut:
     def __init__(self, fh: Any):
         self.fh = fh
         self.sha = hashlib.sha256()
+        self.md5 = hashlib.md5(usedforsecurity=False)  # what a wids shard index records (`md5sum`)
         self.size = 0
 
     def _write(self, data: bytes) -> None:
         self.fh.write(data)
         self.sha.update(data)
+        self.md5.update(data)
         self.size += len(data)
 
     @staticmethod
@@ -234,11 +242,11 @@ def write_shard(task: ShardTask, progress: Callable[[int], None] | None = None) 
                     ids, lengths = vocab.encode(list(item.captions), task.max_len)
                     meta = {"image": item.image, "captions": list(item.captions),
                             "caption_idx": list(item.caption_idx), "split": task.split, "source": task.source}
-                    # Sorted extensions, as webdataset's TarWriter orders them.
-                    tar.add([(f"{item.key}.ids.npy", _npy_bytes(ids)),
+                    tar.add([(f"{item.key}.ids.npy", _npy_bytes(ids)),  # the order of MEMBERS
                              (f"{item.key}.jpg", jpg),
                              (f"{item.key}.json", json.dumps(meta, ensure_ascii=False).encode()),
-                             (f"{item.key}.lengths.npy", _npy_bytes(lengths))])
+                             (f"{item.key}.lengths.npy", _npy_bytes(lengths)),
+                             (f"{item.key}.txt", item.captions[0].encode())])
                     images_ok += 1
                     captions += len(item.captions)
                 if progress is not None:
@@ -259,7 +267,7 @@ def write_shard(task: ShardTask, progress: Callable[[int], None] | None = None) 
         "images_planned": len(task.items), "images_ok": images_ok, "captions": captions,
         "caption_rows_failed": sum(f["caption_rows"] for f in failures),
         "failures_by_reason": dict(sorted(by_reason.items())), "failures": failures,
-        "bytes": tar.size, "sha256": tar.sha.hexdigest(),
+        "bytes": tar.size, "sha256": tar.sha.hexdigest(), "md5": tar.md5.hexdigest(),
         "seconds": round(seconds, 3), "images_per_second": round(len(task.items) / max(seconds, 1e-9), 1),
     }
     atomic_write(task.stats_path, json.dumps(stats, indent=1))
@@ -301,7 +309,7 @@ def start_workers_early() -> None:
         forkserver.ensure_running()
 
 
-def _run_processes(todo: list[ShardTask], workers: int, bar: tqdm) -> list[dict]:
+def _run_processes(todo: list[ShardTask], workers: int, bar: Any) -> list[dict]:
     if workers <= 1:
         return [write_shard(task, progress=bar.update) for task in todo]
     results = []
@@ -317,7 +325,7 @@ def _run_processes(todo: list[ShardTask], workers: int, bar: tqdm) -> list[dict]
     return results
 
 
-def _run_ray(todo: list[ShardTask], workers: int, address: str | None, bar: tqdm) -> list[dict]:
+def _run_ray(todo: list[ShardTask], workers: int, address: str | None, bar: Any) -> list[dict]:
     with ray_session(address, num_cpus=workers or None) as ray:
         remote = ray.remote(num_cpus=1, max_retries=2)(write_shard)
         pending = [remote.remote(task) for task in todo]
@@ -344,7 +352,8 @@ def run_shards(tasks: list[ShardTask], workers: int = 0, engine: str = "processe
     n_workers = min(workers or os.cpu_count() or 1, max(len(todo), 1))
     n_images = sum(len(t.items) for t in todo)
     start = time.perf_counter()
-    with tqdm(total=n_images, unit="img", desc="build-shards", smoothing=0.1, mininterval=0.5) as bar:
+    with progress(n_images, "build-shards", "img", logger=log, every=every_tenth(n_images), smoothing=0.1,
+                  mininterval=0.5) as bar:
         if todo and engine == "ray":
             results = _run_ray(todo, workers, ray_address, bar)
         else:

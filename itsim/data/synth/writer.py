@@ -21,7 +21,6 @@ from pathlib import Path
 
 import numpy as np
 from PIL import Image
-from tqdm import tqdm
 
 from itsim import config
 from itsim.data.synth.captions import COL_NAMES, PLURALS, ROW_NAMES, TEMPLATES, make_captions
@@ -30,6 +29,7 @@ from itsim.data.synth.scene import (BACKGROUNDS, COLOURS, DISTRACTOR_RGB, SHAPES
 from itsim.errors import UserError
 from itsim.images import encode_jpeg
 from itsim.io import atomic_write
+from itsim.progress import every_tenth, progress as progress_bar
 
 __all__ = ["CSV_HEADER", "MAX_CAPTIONS", "SHAPES", "PLURALS", "COLOURS", "BACKGROUNDS", "TEXTURES",
            "DISTRACTOR_RGB", "ROW_NAMES", "COL_NAMES", "TEMPLATES", "SynthConfig", "Item", "Group", "Scene",
@@ -107,7 +107,7 @@ def run(cfg: SynthConfig, progress: bool = True) -> Path:
     (out / "results.csv").unlink(missing_ok=True)  # an interrupted rerun must not leave the old CSV behind
     chunk = 50
     ranges = [(s, min(s + chunk, cfg.images)) for s in range(0, cfg.images, chunk)]
-    bar = tqdm(total=cfg.images, unit="img", desc="synth", disable=not progress)
+    bar = progress_bar(cfg.images, "synth", "img", logger=log, every=every_tenth(cfg.images), disable=not progress)
     results: list[list[str]] = []
     if cfg.workers == 1:
         for start, stop in ranges:
