@@ -83,3 +83,20 @@ def test_demo_writes_every_output_of_the_readme_and_exits_0(demo):
         "scores": out / "scores"}
     for key in ("synth_s", "shards_s", "train_s", "eval_s", "score_s", "total_s"):
         assert summary[key] > 0, key
+
+
+def test_the_time_to_quality_benchmark_trains_the_demos_own_recipe(demo):
+    """benchmarks/bench_quality.py runs the demo's training recipe by flags; they must stay the demo's."""
+    assert demo["done"].returncode == 0
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        import bench_quality
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks"))
+    saved = yaml.safe_load((demo["out"] / "run" / "config.yaml").read_text())
+    for key, value in bench_quality.DEMO_RECIPE.items():
+        assert saved[key] == (list(value) if isinstance(value, tuple) else value), key
+    assert saved["warmup_steps"] == min(50, saved["steps"] // 10)
+    # The reference recipe changes only training choices, never the model sizes or the data.
+    assert not set(bench_quality.REFERENCE_RECIPE) & {"channels", "embed_dim", "lstm_hidden", "lstm_layers",
+                                                      "text_dim", "image_dim", "head_dim", "batch_size", "seed"}
