@@ -1,8 +1,10 @@
 """Run every benchmark (each in its own process), then write the results table into RESULTS.md and the
 ratio plot into results.png.
 
-`make bench` runs this at full size (about 15 minutes on 2 cores). The GPU benchmark (`gpu.py`) runs
-too when a CUDA device is present. On a shared machine `--max-load` waits (up to `--wait`
+`make bench` runs this at full size: on 2 cores about 15 minutes for the throughput benchmarks plus up
+to about an hour and a quarter for bench_quality.py, most of it the reference recipe's budget
+(`--ref-budget` times itsim's wall time, on the demo data and on Flickr8k when present). The GPU
+benchmark (`gpu.py`) runs too when a CUDA device is present. On a shared machine `--max-load` waits (up to `--wait`
 seconds) before each benchmark for the 1-minute load average to drop; the load is recorded either way.
 Only a full run rewrites RESULTS.md and results.png by default; `--results-md`/`--plot` choose
 other paths (a quick or tiny run writes them only when asked). A benchmark disturbed by a busy

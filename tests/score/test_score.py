@@ -116,7 +116,7 @@ def _reference(data: dict, images: list, captions: list) -> np.ndarray:
             except ImageError:
                 continue
             ids, lengths = vocab.encode([caption], pre.max_len)
-            image_vec = model.encode_image(torch.from_numpy(pixels[None]))
+            image_vec = model.encode_image(torch.from_numpy(np.array(pixels[None])))  # a writable copy
             text_vec = model.encode_text(torch.from_numpy(ids).long(), torch.from_numpy(lengths).long())
             out[row] = torch.sigmoid(model.head(image_vec, text_vec)).item()
     return out
