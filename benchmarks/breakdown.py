@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import io
 import shutil
+import tarfile
 import tempfile
 import time
 from pathlib import Path
@@ -35,7 +36,7 @@ def best_ms(fn: Callable[[], Any], n_items: int, repeats: int) -> list[float]:
 
 def shards(rec: common.Recorder, data: Path, repeats: int) -> None:
     from itsim.data.captions import read_captions
-    from itsim.data.shards.writer import write_shard
+    from itsim.data.shards.writer import _tar_header, _tarinfo, write_shard
     from itsim.data.shards.build import ShardConfig, _checked, build_shards, plan_shards
     from itsim.data.splits import assign_splits
     from itsim.images import encode_jpeg, load_image, safe_path
@@ -64,7 +65,24 @@ def shards(rec: common.Recorder, data: Path, repeats: int) -> None:
             build_shards(ShardConfig(captions=cfg.captions, images=cfg.images, out=str(out / "b"), image_size=299,
                                      shard_size=75, workers=1))
 
+        # The four member headers of each sample (ids.npy, jpg, json, lengths.npy): write_shard's template
+        # against tarfile's own TarInfo.tobuf (the same bytes, tests/data/test_shards.py).
+        members = [(f"{key}.{ext}", size) for key in (f"img{i:06d}" for i in range(n))
+                   for ext, size in (("ids.npy", 1208), ("jpg", 30000), ("json", 400), ("lengths.npy", 148))]
+
+        def template_headers() -> None:
+            for name, size in members:
+                _tar_header(name, size)
+
+        def tarfile_headers() -> None:
+            for name, size in members:
+                _tarinfo(name, size).tobuf(tarfile.USTAR_FORMAT, tarfile.ENCODING, "surrogateescape")
+
         params = {"images": n, "image_size": 299}
+        rec.measure("shards: tar member headers, write_shard's template", "us per image (4 headers)", "us",
+                    [1e3 * v for v in best_ms(template_headers, n, repeats)], **params)
+        rec.measure("shards: tar member headers, tarfile.TarInfo.tobuf", "us per image (4 headers)", "us",
+                    [1e3 * v for v in best_ms(tarfile_headers, n, repeats)], **params)
         rec.measure("shards: load_image + encode_jpeg", "ms per image", "ms", best_ms(images_only, n, repeats),
                     **params)
         rec.measure("shards: write_shard", "ms per image", "ms", best_ms(writer, n, repeats), **params)

@@ -159,18 +159,17 @@ class Recorder:
                             "value": s.median, "min": s.min, "max": s.max, "spread": round(s.spread, 4),
                             "repeats": s.n, "values": s.values, "params": params})
 
-    def ratio(self, case: str, num: dict[str, Any], den: dict[str, Any] | float, target: float | None = None,
+    def ratio(self, case: str, num: dict[str, Any], den: dict[str, Any], target: float | None = None,
               scale: float = 1.0, note: str = "") -> dict[str, Any]:
-        """num / (scale * den) for higher-is-better rates; `den` is a record or a constant (a published figure).
+        """num / (scale * den), two records of this run: higher-is-better rates (or, for times, the
+        baseline's seconds over itsim's). Never a constant: both sides are measured in the same run.
 
         The range pairs the extremes (num.min / den.max .. num.max / den.min), so it is the widest
         the repeats allow.
         """
-        if isinstance(den, dict):
-            d_med, d_min, d_max, d_name = den["value"], den["min"], den["max"], f"{den['case']} {den['metric']}"
-        else:
-            d_med = d_min = d_max = float(den)
-            d_name = f"constant {den}"
+        if not isinstance(den, dict) or den.get("kind") not in ("measurement", "derived"):
+            raise TypeError(f"{case}: the denominator must be a measurement of this run, not {den!r}")
+        d_med, d_min, d_max, d_name = den["value"], den["min"], den["max"], f"{den['case']} {den['metric']}"
         value = num["value"] / (scale * d_med)
         lo, hi = num["min"] / (scale * d_max), num["max"] / (scale * d_min)
         return self._write({
@@ -183,6 +182,12 @@ class Recorder:
         """A single derived number (an extrapolation, a count): no repeats."""
         return self._write({"kind": "derived", "case": case, "metric": metric, "unit": unit, "value": float(value),
                             "min": float(value), "max": float(value), "spread": 0.0, "repeats": 1,
+                            "params": params})
+
+    def not_measured(self, case: str, metric: str, reason: str, **params: Any) -> dict[str, Any]:
+        """A comparison this run could not make (e.g. no TensorFlow here): reported, never filled with a constant."""
+        return self._write({"kind": "not_measured", "case": case, "metric": metric, "unit": "", "value": None,
+                            "min": None, "max": None, "spread": None, "repeats": 0, "reason": reason,
                             "params": params})
 
     def machine(self) -> dict[str, Any]:
@@ -223,6 +228,11 @@ def markdown_table(records: Sequence[dict[str, Any]], with_bench: bool = False) 
         met = "" if r.get("met") is None else ("yes" if r["met"] else "**no**")
         unit = f" {r['unit']}" if r.get("unit") else ""
         metric = r["metric"]
+        if r.get("kind") == "not_measured":
+            row = ([r["bench"]] if with_bench else []) + [r["case"], metric, f"not measured: {r['reason']}", "", "0",
+                                                           "", ""]
+            lines.append("| " + " | ".join(row) + " |")
+            continue
         row = ([r["bench"]] if with_bench else []) + [
             r["case"], metric, _fmt(r["value"]) + unit,
             "" if r["kind"] == "derived" else f"{_fmt(r['min'])} - {_fmt(r['max'])}", str(r.get("repeats", "")),
@@ -253,15 +263,19 @@ def synth_data(cache: Path, n_images: int, min_size: int = 320, max_size: int = 
     return folder
 
 
-def shards_for(cache: Path, data: Path, image_size: int, shard_size: int = 50, workers: int = 2) -> Path:
-    """Shards of `data` at `image_size`, built once with `build_shards` and reused."""
+def shards_for(cache: Path, data: Path, image_size: int, shard_size: int = 50, workers: int = 2,
+               captions: Path | None = None, tag: str = "", **options: Any) -> Path:
+    """Shards of `data` (results.csv + images/, or `captions` + `data / "images"`) at `image_size`,
+    built once with `build_shards` and reused; `options` are further ShardConfig fields, and `tag` names
+    them in the cache folder."""
     from itsim.data.shards import ShardConfig, build_shards
 
-    folder = Path(cache) / f"shards-{data.name}-{image_size}px-{shard_size}"
+    folder = Path(cache) / f"shards-{data.name}-{image_size}px-{shard_size}{tag}"
     if not (folder / "manifest.json").is_file():
         log.info("building shards in %s", folder)
-        build_shards(ShardConfig(captions=str(data / "results.csv"), images=str(data / "images"), out=str(folder),
-                                 image_size=image_size, shard_size=shard_size, workers=workers, overwrite=True))
+        build_shards(ShardConfig(captions=str(captions or data / "results.csv"), images=str(data / "images"),
+                                 out=str(folder), image_size=image_size, shard_size=shard_size, workers=workers,
+                                 overwrite=True, **options))
     return folder
 
 

@@ -1,8 +1,10 @@
 """Run every benchmark (each in its own process), then write the results table into RESULTS.md and the
 ratio plot into results.png.
 
-`make bench` runs this at full size (about 15 minutes on 2 cores). The GPU benchmark (`gpu.py`) runs
-too when a CUDA device is present. On a shared machine `--max-load` waits (up to `--wait`
+`make bench` runs this at full size: on 2 cores about 15 minutes for the throughput benchmarks plus up
+to about an hour and a quarter for bench_quality.py, most of it the reference recipe's budget
+(`--ref-budget` times itsim's wall time, on the demo data and on Flickr8k when present). The GPU
+benchmark (`gpu.py`) runs too when a CUDA device is present. On a shared machine `--max-load` waits (up to `--wait`
 seconds) before each benchmark for the 1-minute load average to drop; the load is recorded either way.
 Only a full run rewrites RESULTS.md and results.png by default; `--results-md`/`--plot` choose
 other paths (a quick or tiny run writes them only when asked). A benchmark disturbed by a busy
@@ -22,9 +24,10 @@ from typing import Any
 
 import common
 
-BENCHES = ("shards", "loader", "train", "eval", "score")
+BENCHES = ("shards", "loader", "train", "quality", "eval", "score", "breakdown")
 SCRIPTS = {"shards": "bench_shards.py", "loader": "bench_loader.py", "train": "bench_train.py",
-           "eval": "bench_eval.py", "score": "bench_score.py", "gpu": "gpu.py"}
+           "quality": "bench_quality.py", "eval": "bench_eval.py", "score": "bench_score.py",
+           "breakdown": "breakdown.py", "gpu": "gpu.py"}
 BEGIN, END = "<!-- run_all:begin -->", "<!-- run_all:end -->"
 
 
@@ -141,6 +144,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--plot", type=Path, default=None, help="default: benchmarks/results.png on a full run")
     p.add_argument("--report-only", action="store_true",
                    help="run nothing: rebuild the table and plot of --run-id from --out")
+    p.add_argument("--with-keras", action="store_true",
+                   help="bench_train also trains the reference design in Keras (needs TensorFlow)")
     args = p.parse_args(argv)
     common.setup_logging()
     mode = common.mode_of(args)
@@ -167,7 +172,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.wait > 0:
             common.wait_until_quiet(args.max_load, args.wait)
         common.log.info("running %s (load %.2f)", bench, common.load_average())
-        cmd = [sys.executable, str(common.BENCH_DIR / SCRIPTS[bench]), *flags, "--out", str(args.out),
+        extra = ["--with-keras"] if bench == "train" and args.with_keras else []
+        cmd = [sys.executable, str(common.BENCH_DIR / SCRIPTS[bench]), *flags, *extra, "--out", str(args.out),
                "--cache", str(args.cache), "--run-id", run_id]
         done = subprocess.run(cmd, cwd=common.ROOT, env={**os.environ, "PYTHONUNBUFFERED": "1"})
         if done.returncode != 0:

@@ -20,7 +20,7 @@ import pytest
 import torch
 from PIL import Image
 
-from badcorpus import CASES, Case, Corpus, write_corpus
+from badcorpus import CASES, LATIN1_CAPTION, Case, Corpus, write_corpus
 from itsim.model import ItsimModel, ModelConfig, Preprocess, save_model
 from itsim.text import Vocab, normalize
 
@@ -75,6 +75,23 @@ def test_build_shards_outcome_of_each_case(corpus, built, case):
     else:
         assert [(f["reason"], f["caption_rows"]) for f in failures if f["image"] == name] == [(case.shards, 1)]
         assert name not in samples
+
+
+def test_build_shards_stores_the_first_frame_of_an_animated_gif(corpus, built):
+    import numpy as np
+
+    from itsim.images import resize
+
+    with Image.open(corpus.images / "anim.gif") as gif:
+        assert gif.n_frames == 2
+        frames = []
+        for i in range(2):
+            gif.seek(i)
+            frames.append(np.asarray(resize(gif.convert("RGB"), SIZE), dtype=float))
+    stored = np.asarray(Image.open(io.BytesIO(built["samples"]["anim.gif"]["jpg"])).convert("RGB"), dtype=float)
+    first, second = np.abs(stored - frames[0]).mean(), np.abs(stored - frames[1]).mean()
+    assert np.abs(frames[0] - frames[1]).mean() > 20  # the frames differ clearly
+    assert first < 4 and second > 5 * first, (first, second)
 
 
 def test_build_shards_accounts_for_every_row_of_a_bom_crlf_file(corpus, built):
@@ -163,9 +180,16 @@ def test_score_a_csv_with_a_non_utf8_byte_keeps_every_row(corpus, model_dir, ray
     summary = run_score(ScoreConfig(model=str(model_dir), input=(str(path),), output=str(tmp_path / "out"),
                                     images=str(corpus.images), batch_size=64, workers=1))
     df = _read(tmp_path / "out")
-    assert summary["rows"] == len(df) == n_rows
-    assert (df["image"] == "cap_latin1.jpg").sum() == 1
-    assert df.loc[df["image"] == "good.jpg", "error"].isna().all()
+    assert summary["rows"] == len(df) == n_rows and summary["scored"] == n_rows and summary["errors"] == {}
+    latin = df[df["image"] == "cap_latin1.jpg"]
+    assert len(latin) == 1
+    row = latin.iloc[0]
+    assert pd.isna(row["error"]) and 0.0 < row["score"] < 1.0  # scored, not just present
+    assert row["caption"] == LATIN1_CAPTION.decode("utf-8", errors="replace")
+    assert row["caption"] == "A caf\ufffd with red chairs on the street"
+    good = df[df["image"] == "good.jpg"]
+    assert len(good) == n_rows - 1 and good["error"].isna().all() and good["score"].between(0, 1).all()
+    assert not good["caption"].str.contains("\ufffd").any()
 
 
 @pytest.mark.timeout(300)

@@ -174,12 +174,16 @@ def test_resume_auto_without_a_usable_checkpoint_starts_fresh_and_says_so(tiny_s
     (run / "checkpoints" / "step_0000002").mkdir()
     (run / "checkpoints" / "step_0000002" / "model.safetensors").write_bytes(b"no trainer_state.json")
     summary = train(TrainConfig(shards=str(tiny_shards), out=str(run), steps=2, batch_size=8, workers=0,
-                                tensorboard=False, eval_every=0, resume="auto", **TINY))
+                                tensorboard=False, eval_every=0, log_every=1, resume="auto", **TINY))
     assert summary["step"] == 2
     assert "skipping unusable checkpoint step_0000002" in caplog.text
     assert "no usable checkpoint" in caplog.text and "starting fresh" in caplog.text
     assert "resumed from" not in caplog.text
-    assert [json.loads(x)["step"] for x in (run / "metrics.jsonl").read_text().splitlines()][0] <= 2
+    rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if "loss" in r] == [1, 2]  # fresh: both steps trained, from step 1
+    # The corrupt folder was replaced by this run's own step 2 and the torn one removed.
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step_0000002"]
+    assert checkpoint.verify(run / "checkpoints" / "step_0000002")["step"] == 2
 
 
 # ---- a full disk --------------------------------------------------------------------------------
@@ -475,6 +479,20 @@ def _captions_in(tar_path: Path) -> int:
         return sum(len(json.loads(tar.extractfile(m).read())["captions"]) for m in tar if m.name.endswith(".json"))
 
 
+def _cut_samples(intact: Path, cut: int) -> dict[str, dict[str, int]]:
+    """What survives of each sample when `intact` is cut at byte `cut`: sample key -> {member suffix:
+    caption count (json) or 0} for the members whose data ends before the cut, in tar order."""
+    out: dict[str, dict[str, int]] = {}
+    with tarfile.open(intact) as tar:
+        for m in tar.getmembers():
+            if m.offset_data + m.size > cut:
+                break
+            key, suffix = m.name.split(".", 1)
+            caps = len(json.loads(tar.extractfile(m).read())["captions"]) if suffix == "json" else 0
+            out.setdefault(key, {})[suffix] = caps
+    return out
+
+
 @pytest.fixture(scope="module")
 def damaged_shards(tiny_shards, tmp_path_factory) -> dict:
     """A copy of the tiny shards with one truncated train shard, one train shard with a broken
@@ -490,23 +508,45 @@ def damaged_shards(tiny_shards, tmp_path_factory) -> dict:
     return {"folder": folder, "truncated": truncated, "garbled": garbled, "bad_key": bad_key, "val": val}
 
 
-def test_training_on_damaged_shards_skips_counts_and_names_them(damaged_shards, tmp_path, caplog):
+def test_training_on_damaged_shards_skips_counts_and_names_them(damaged_shards, tiny_shards, tmp_path, caplog):
+    """Each step's batch is exactly one pass over the damaged train split (every readable sample once),
+    so after step s the count is exactly s x (the cut shard's unreadable tail once + its sample cut in
+    two, if any + the broken JPEG)."""
+    from itsim.data.loader import read_manifest, split_shards
     from itsim.train import TrainConfig, train
 
+    truncated = damaged_shards["truncated"]
+    survived = _cut_samples(tiny_shards / truncated.name, truncated.stat().st_size)
+    members = {"ids.npy", "jpg", "json", "lengths.npy"}
+    whole = sum(set(m) == members for m in survived.values())
+    cut_in_two = sum(0 < len(m) < 4 for m in survived.values())  # at most one: the sample at the cut
+    assert whole > 0 and cut_in_two <= 1
+    others = [Path(p) for p in split_shards(damaged_shards["folder"], "train") if Path(p) != truncated]
+    readable = whole + sum(len(_cut_samples(p, p.stat().st_size)) for p in others)
+    n_train = read_manifest(damaged_shards["folder"])["splits"]["train"]["images"]
+    assert n_train > readable  # so an epoch has 2 batches of `readable` samples: steps 1 and 2 are passes 1 and 2
+    per_pass = 1 + cut_in_two + 1
+
     run = tmp_path / "run"
-    summary = train(TrainConfig(shards=str(damaged_shards["folder"]), out=str(run), steps=15, batch_size=16,
-                                workers=0, tensorboard=False, eval_every=0, log_every=5, **TINY))
-    assert summary["step"] == 15 and (run / "model" / "model.safetensors").is_file()
-    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
-    assert any("unreadable shard data" in w and "train-000001.tar" in w for w in warnings)
-    assert any(damaged_shards["bad_key"] in w and "train-000002.tar" in w and "not_an_image" in w for w in warnings)
-    assert any("val-000000.tar" in w for w in warnings)  # validation read the truncated val shard
+    summary = train(TrainConfig(shards=str(damaged_shards["folder"]), out=str(run), steps=2, batch_size=readable,
+                                workers=0, tensorboard=False, eval_every=0, log_every=1, **TINY))
+    assert summary["step"] == 2 and (run / "model" / "model.safetensors").is_file() and "val_accuracy" in summary
     rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
-    assert [r for r in rows if "bad_samples" in r][-1]["bad_samples"] >= 2 and "val_accuracy" in summary
+    assert [(r["step"], r["bad_samples"]) for r in rows if "bad_samples" in r] == [(1, per_pass), (2, 2 * per_pass)]
+    for r in rows:  # every readable sample but the broken JPEG reached the step
+        if "images_per_s" in r:
+            assert r["pairs_per_s"] > 0
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    tails = [w for w in warnings if "unreadable shard data" in w and truncated.name in w]
+    halves = [w for w in warnings if "incomplete sample" in w and truncated.name in w]
+    broken = [w for w in warnings if damaged_shards["bad_key"] in w and "train-000002.tar" in w and "not_an_image" in w]
+    assert (len(tails), len(halves), len(broken)) == (2, 2 * cut_in_two, 2)  # each event logged once, named
+    assert any("val-000000.tar" in w for w in warnings)  # validation read the truncated val shard
 
 
 @pytest.mark.timeout(300)
-def test_scoring_damaged_shards_keeps_readable_rows_and_records_the_rest(damaged_shards, tmp_path, ray_local):
+def test_scoring_damaged_shards_keeps_readable_rows_and_records_the_rest(damaged_shards, tiny_shards, tmp_path,
+                                                                         ray_local):
     import pandas as pd
     import torch
 
@@ -526,10 +566,19 @@ def test_scoring_damaged_shards_keeps_readable_rows_and_records_the_rest(damaged
     shards = df["shard"].map(lambda s: Path(s).name)
     assert list(shards[df["error"] == "bad_shard"]) == ["train-000001.tar"]
     garbled = df[df["key"] == damaged_shards["bad_key"]]
-    assert len(garbled) >= 1 and set(garbled["error"]) == {"not_an_image"}
+    with tarfile.open(damaged_shards["garbled"]) as tar:  # its json is intact: one row per caption
+        n_garbled = len(json.loads(tar.extractfile(f"{damaged_shards['bad_key']}.json").read())["captions"])
+    assert len(garbled) == n_garbled and set(garbled["error"]) == {"not_an_image"}
     for name in ("train-000000.tar", "train-000002.tar", "train-000003.tar"):  # intact tars: every caption
         assert (shards == name).sum() == _captions_in(folder / name)
-    assert (shards == "train-000001.tar").sum() >= 2  # the rows before the cut, then the bad_shard row
+    # The cut shard: a row per caption of each sample whose jpg and json precede the cut, one bad_sample
+    # row for the sample the cut leaves without them, then the bad_shard row.
+    survived = _cut_samples(tiny_shards / "train-000001.tar", damaged_shards["truncated"].stat().st_size)
+    cut = df[shards == "train-000001.tar"]
+    scored = sum(m["json"] for m in survived.values() if {"jpg", "json"} <= set(m))
+    lost = sum(not {"jpg", "json"} <= set(m) for m in survived.values())
+    assert (cut["error"].isna().sum(), (cut["error"] == "bad_sample").sum(), (cut["error"] == "bad_shard").sum(),
+            len(cut)) == (scored, lost, 1, scored + lost + 1)
     assert df.loc[df["error"].isna(), "score"].notna().all()
 
 

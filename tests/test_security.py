@@ -192,7 +192,11 @@ def hostile(tmp_path_factory) -> dict:
         sample(tar, "extras", 3)
         for ext in ("pyd", "pickle", "pth"):
             _member(tar, f"extras.{ext}", evil)
-        sample(tar, "objnpy", 4, ids=_npy(np.array([Payload(marker)], dtype=object), allow_pickle=True))
+        objnpy = _npy(np.array([Payload(marker)], dtype=object), allow_pickle=True)
+        np.load(io.BytesIO(objnpy), allow_pickle=True)  # control: loading it with pickle allowed runs the payload
+        assert marker.exists(), "the object array's payload did not run when loaded with allow_pickle=True"
+        marker.unlink()
+        sample(tar, "objnpy", 4, ids=objnpy)
         sample(tar, "bomb", 5, jpg=png_bomb())
         _member(tar, "onlypyd.pyd", evil)
         for i in range(3, 6):
@@ -244,9 +248,13 @@ def test_read_split_skips_payloads_and_the_bomb(hostile, caplog):
 def test_evaluate_shards_and_pair_file_never_unpickle_escape_or_decode_bombs(hostile, tmp_path):
     from itsim.eval.evaluate import EvalConfig, evaluate
 
+    pwned = tmp_path / "pwned"  # every payload planted below creates this file if it ever runs
     model_dir = tiny_model_dir(tmp_path / "model", hostile["vocab"])
+    (model_dir / "pytorch_model.bin").write_bytes(payload_pickle(pwned))  # decoys beside the real weights
+    (model_dir / "optimizer.bin").write_bytes(payload_torch(pwned))
     images = tmp_path / "images"
     images.mkdir()
+    (images / "evil.pkl").write_bytes(payload_pickle(pwned))  # a pair row names a pickle as its image
     smooth(0).save(images / "a.jpg")
     smooth(1).save(images / "b.jpg")
     (images / "bomb.png").write_bytes(png_bomb())
@@ -256,7 +264,7 @@ def test_evaluate_shards_and_pair_file_never_unpickle_escape_or_decode_bombs(hos
     rows = [("a.jpg", CAPTIONS[0], "match"), ("b.jpg", CAPTIONS[1], "no-match"), ("b.jpg", CAPTIONS[2], "match"),
             ("../outside.jpg", CAPTIONS[0], "match"), (str(tmp_path / "outside.jpg"), CAPTIONS[1], "match"),
             ("link.jpg", CAPTIONS[2], "no-match"), ("bomb.png", CAPTIONS[3], "match"),
-            ("noframe.tif", CAPTIONS[4], "no-match")]
+            ("noframe.tif", CAPTIONS[4], "no-match"), ("evil.pkl", CAPTIONS[5], "match")]
     pairs = tmp_path / "pairs.tsv"
     pairs.write_text("".join(f"{i}\t{c}\t{lab}\n" for i, c, lab in rows))
     result = evaluate(EvalConfig(model=str(model_dir), shards=str(hostile["folder"]), split="test",
@@ -264,10 +272,10 @@ def test_evaluate_shards_and_pair_file_never_unpickle_escape_or_decode_bombs(hos
                                  device="cpu"))
     assert result["n_images"] == 7
     assert result["skipped_reasons"] == {"bad_sample": 1, "image_too_many_pixels": 1}
-    assert result["pairs_rows"] == 8 and result["pairs_scored"] == 3
+    assert result["pairs_rows"] == 9 and result["pairs_scored"] == 3
     assert result["pairs_skipped_reasons"] == {"image_path_escape": 3, "image_too_many_pixels": 1,
-                                               "image_decode_error": 1}
-    assert not hostile["marker"].exists() and not (tmp_path / "pwned").exists()
+                                               "image_decode_error": 1, "image_not_an_image": 1}
+    assert not hostile["marker"].exists() and not pwned.exists()
 
 
 @pytest.mark.timeout(300)

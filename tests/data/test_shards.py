@@ -521,3 +521,53 @@ def test_keys_that_fall_back_to_a_long_hash_still_fit_tar_member_names():
     keys = make_keys([spaced, clash])
     assert len(set(keys.values())) == 2
     assert all(len(k + ".lengths.npy") <= 100 for k in keys.values()), keys
+
+
+def _thirds(width: int, height: int) -> Image.Image:
+    """Red, green and blue thirds along the long side (left to right when wide, top to bottom when tall)."""
+    arr = np.zeros((height, width, 3), dtype=np.uint8)
+    long = max(width, height)
+    for i, colour in enumerate(((220, 30, 30), (30, 220, 30), (30, 30, 220))):
+        part = slice(i * long // 3, (i + 1) * long // 3)
+        if width >= height:
+            arr[:, part] = colour
+        else:
+            arr[part, :] = colour
+    return Image.fromarray(arr)
+
+
+@pytest.mark.parametrize("mode", ["stretch", "center_crop", "pad"])
+def test_resize_modes_store_the_promised_geometry(tmp_path, mode):
+    """`--resize`: stretch squeezes the whole image, center_crop keeps the middle square, pad keeps the
+    whole image and adds black bars; checked on a 3:1 wide and a 1:3 tall image in the stored JPEGs."""
+    images = tmp_path / "images"
+    images.mkdir()
+    _thirds(120, 40).save(images / "wide.png")
+    _thirds(40, 120).save(images / "tall.png")
+    captions = tmp_path / "results.csv"
+    write_captions(captions, [("wide.png", 0, "a wide picture"), ("tall.png", 0, "a tall picture")])
+    out = tmp_path / "out"
+    assert cli_main(["build-shards", "--captions", str(captions), "--images", str(images), "--out", str(out),
+                     "--image-size", str(SIZE), "--splits", "1,0,0", "--workers", "1", "--resize", mode]) == 0
+    assert json.loads((out / "manifest.json").read_text())["config"]["resize"] == mode
+    stored = {json.loads(s["json"])["image"]: np.asarray(Image.open(io.BytesIO(s["jpg"])).convert("RGB"), float)
+              for s in read_shards(out)}
+    red, green, blue, black = (220, 30, 30), (30, 220, 30), (30, 30, 220), (0, 0, 0)
+    third, inner = SIZE // 3, slice(4, SIZE - 4)  # `inner` keeps off JPEG ringing at the edges
+
+    def colour(region: np.ndarray, want: tuple[int, int, int]) -> bool:
+        return bool(np.abs(region.reshape(-1, 3).mean(0) - want).max() < 12)
+
+    for name, img in stored.items():
+        assert img.shape == (SIZE, SIZE, 3), name
+        along = img if name == "wide.png" else img.transpose(1, 0, 2)  # the long side runs along axis 1
+        left, middle, right = along[:, 3:third - 3], along[:, third + 3:2 * third - 3], along[:, 2 * third + 3:-3]
+        if mode == "stretch":  # all three thirds, over the whole square
+            assert colour(left[inner], red) and colour(middle[inner], green) and colour(right[inner], blue), name
+        elif mode == "center_crop":  # the middle square of a 3:1 image is its green third, enlarged
+            assert colour(along[inner][:, inner], green), name
+        else:  # pad: the whole image scaled to SIZE x SIZE/3, centred, black bars across the rest
+            bar = SIZE // 3
+            assert colour(along[: bar - 3], black) and colour(along[2 * bar + 3:], black), name
+            band = slice(bar + 3, 2 * bar - 3)
+            assert colour(left[band], red) and colour(middle[band], green) and colour(right[band], blue), name

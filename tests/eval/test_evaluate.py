@@ -69,6 +69,51 @@ def _captions_in(split: str) -> int:
     return sum(3 if i % 3 == 0 else 2 for i, s in enumerate(SPLIT_OF) if s == split)
 
 
+def _every_pair_by_forward(run, split: str) -> tuple[np.ndarray, np.ndarray]:
+    """(probabilities [images, captions] from the whole model on every pair, caption -> image index):
+    the reference the metrics below are recomputed from, without the encode-once path."""
+    model, _, _ = load_model(run / "run" / "model", "cpu")
+    samples = list(iter_split(run / "shards", split))
+    images = torch.from_numpy(np.stack([s["image"] for s in samples]))
+    ids = torch.from_numpy(np.concatenate([s["ids"] for s in samples])).long()
+    lengths = torch.from_numpy(np.concatenate([s["lengths"] for s in samples])).long()
+    n_img, n_cap = images.shape[0], ids.shape[0]
+    with torch.no_grad():
+        logits = model(images.repeat_interleave(n_cap, dim=0), ids.repeat(n_img, 1), lengths.repeat(n_img))
+    caption_to_image = np.repeat(np.arange(n_img), [s["ids"].shape[0] for s in samples])
+    return torch.sigmoid(logits.view(n_img, n_cap)).double().numpy(), caption_to_image
+
+
+def _fixed_pairs(probs: np.ndarray, caption_to_image: np.ndarray, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    from itsim.data.pairs import fixed_balanced_pairs
+
+    image_idx, caption_idx, labels = fixed_balanced_pairs(caption_to_image, seed)
+    return probs[image_idx, caption_idx], labels
+
+
+def _auc(p: np.ndarray, y: np.ndarray) -> float:
+    pos, neg = p[y == 1], p[y == 0]
+    wins = (pos[:, None] > neg[None, :]).sum() + 0.5 * (pos[:, None] == neg[None, :]).sum()
+    return float(wins / (pos.size * neg.size))
+
+
+def _average_precision(p: np.ndarray, y: np.ndarray) -> float:
+    return float(np.mean([((p >= p[i]) & (y == 1)).sum() / (p >= p[i]).sum() for i in np.flatnonzero(y == 1)]))
+
+
+def _accuracy(p: np.ndarray, y: np.ndarray, t: float) -> float:
+    return float(np.mean((p >= t) == (y == 1)))
+
+
+def _ranks(matrix: np.ndarray, c2i: np.ndarray) -> tuple[list[int], list[int]]:
+    """1-based ranks, ties counted against the true item, by loops over the matrix."""
+    n_img, n_cap = matrix.shape
+    i2t = [1 + sum(matrix[i, c] >= matrix[i, c2i == i].max() for c in range(n_cap) if c2i[c] != i)
+           for i in range(n_img)]
+    t2i = [1 + sum(matrix[j, c] >= matrix[c2i[c], c] for j in range(n_img) if j != c2i[c]) for c in range(n_cap)]
+    return i2t, t2i
+
+
 def test_evaluate_test_split_writes_metrics_and_plots(run):
     from itsim import evaluate_model as public_evaluate  # the package's public API, as users import it
 
@@ -77,18 +122,44 @@ def test_evaluate_test_split_writes_metrics_and_plots(run):
     out = run / "run" / "eval"
     assert result["out"] == str(out)
     saved = json.loads((out / "metrics.json").read_text())
-    assert saved["n_images"] == 3 and saved["n_captions"] == _captions_in("test")
+    assert saved["n_images"] == 3 and saved["n_captions"] == _captions_in("test") == 7
     assert saved["threshold_source"] == "val"
-    assert saved["retrieval_images"] == 3 and saved["retrieval_captions"] == _captions_in("test")
-    assert saved["skipped_samples"] == 0
-    for key in ("balanced_accuracy", "accuracy_at_0_5", "accuracy_at_best", "roc_auc", "pr_auc",
-                "i2t_r1", "i2t_r5", "i2t_r10", "t2i_r1", "t2i_r5", "t2i_r10"):
-        assert saved[key] is None or 0.0 <= saved[key] <= 1.0, key
-    assert 1 <= saved["i2t_medr"] <= 3 and 1 <= saved["t2i_medr"] <= 3
-    assert saved["i2t_r5"] == saved["t2i_r5"] == 1.0  # only 3 images: everything is in the top 5
-    assert 0.0 <= saved["best_threshold"] <= 1.0 + 1e-9
-    assert saved["retrieval_seconds"] >= 0
+    assert saved["retrieval_images"] == 3 and saved["retrieval_captions"] == 7
+    assert saved["skipped_samples"] == 0 and saved["skipped_reasons"] == {}
     assert saved["n_pairs"] == saved["n_captions"]
+
+    # Every metric recomputed from the whole model run on every pair and plain formulas.
+    probs, c2i = _every_pair_by_forward(run, "test")
+    p, y = _fixed_pairs(probs, c2i, seed=0)
+    assert 0 < y.sum() < y.size and saved["positive_pairs"] == int(y.sum())  # both classes: every metric defined
+    gaps = np.abs(p[:, None] - p[None, :])[~np.eye(p.size, dtype=bool)]
+    assert gaps.min() > 1e-5, "near-tied scores: the ranking metrics below would be fragile"
+    floats = ("balanced_accuracy", "accuracy_at_0_5", "f1_at_0_5", "accuracy_at_best", "balanced_accuracy_at_best",
+              "best_threshold", "roc_auc", "pr_auc", "i2t_r1", "i2t_r5", "i2t_r10", "i2t_medr", "i2t_meanr",
+              "t2i_r1", "t2i_r5", "t2i_r10", "t2i_medr", "t2i_meanr")
+    for key in floats:
+        assert type(saved[key]) is float or (type(saved[key]) is int and key.endswith("medr")), (key, saved[key])
+    tpr, tnr = np.mean(p[y == 1] >= 0.5), np.mean(p[y == 0] < 0.5)
+    assert saved["accuracy_at_0_5"] == pytest.approx(_accuracy(p, y, 0.5), abs=1e-12)
+    assert saved["balanced_accuracy"] == pytest.approx((tpr + tnr) / 2, abs=1e-12)
+    assert saved["roc_auc"] == pytest.approx(_auc(p, y), abs=1e-12)
+    assert saved["pr_auc"] == pytest.approx(_average_precision(p, y), abs=1e-12)
+    # The threshold comes from the val split: the best accuracy any cut reaches on val's fixed pairs.
+    val_p, val_y = _fixed_pairs(*_every_pair_by_forward(run, "val"), seed=0)
+    t = saved["best_threshold"]
+    assert 0.0 <= t <= 1.0
+    best_on_val = max(_accuracy(val_p, val_y, c) for c in [*val_p, np.inf])
+    assert _accuracy(val_p, val_y, t) == pytest.approx(best_on_val, abs=1e-12)
+    assert saved["accuracy_at_best"] == pytest.approx(_accuracy(p, y, t), abs=1e-12)
+    i2t, t2i = _ranks(probs, c2i)
+    for prefix, ranks in (("i2t", i2t), ("t2i", t2i)):
+        for k in (1, 5, 10):
+            assert saved[f"{prefix}_r{k}"] == pytest.approx(np.mean(np.array(ranks) <= k), abs=1e-12)
+        assert saved[f"{prefix}_medr"] == float(np.median(ranks)) and saved[f"{prefix}_meanr"] == pytest.approx(
+            np.mean(ranks), abs=1e-12)
+    assert saved["i2t_r5"] == saved["t2i_r5"] == saved["i2t_r10"] == saved["t2i_r10"] == 1.0  # 3 images, 7 captions
+    assert 1 <= saved["i2t_medr"] <= 3 and 1 <= saved["t2i_medr"] <= 3
+    assert saved["retrieval_seconds"] >= 0
     for name in ("roc.png", "score_hist.png", "training_curves.png"):
         assert (out / name).read_bytes()[:8] == PNG_MAGIC, name
     assert sorted(saved["plots"]) == ["roc.png", "score_hist.png", "training_curves.png"]

@@ -95,8 +95,46 @@ def _config(data: dict, inputs: list[str], out: Path, **kw) -> ScoreConfig:
                        max_pixels=MAX_PIXELS, batch_size=kw.pop("batch_size", 32), **kw)
 
 
+def _reference(data: dict, images: list, captions: list) -> np.ndarray:
+    """Scores computed apart from the scorer: each image loaded and resized the way `itsim eval` loads a
+    pair file's images (`load_image(safe_path(root, name), size, resize)` -> uint8 array), each caption
+    through `Vocab.encode`, then the model's own `encode_image`, `encode_text` and `head`, one pair at a
+    time. NaN where the image cannot be loaded or the caption is not scorable text."""
+    from itsim.images import ImageError, load_image, safe_path, to_array
+    from itsim.model import load_model
+    from itsim.text import normalize
+
+    model, vocab, pre = load_model(data["model"], "cpu")
+    out = np.full(len(images), np.nan)
+    with torch.no_grad():
+        for row, (name, caption) in enumerate(zip(images, captions)):
+            if not isinstance(caption, str) or not normalize(caption):
+                continue
+            try:
+                pixels = to_array(load_image(safe_path(data["images"], name), pre.image_size, pre.resize,
+                                             MAX_PIXELS))
+            except ImageError:
+                continue
+            ids, lengths = vocab.encode([caption], pre.max_len)
+            image_vec = model.encode_image(torch.from_numpy(np.array(pixels[None])))  # a writable copy
+            text_vec = model.encode_text(torch.from_numpy(ids).long(), torch.from_numpy(lengths).long())
+            out[row] = torch.sigmoid(model.head(image_vec, text_vec)).item()
+    return out
+
+
+def _assert_equals_reference(data: dict, scores, images: list, captions: list) -> None:
+    """Scores equal the independent reference within 1e-5, NaN exactly where it cannot score."""
+    got = np.asarray(scores, dtype=np.float64)
+    want = _reference(data, images, captions)
+    assert np.array_equal(np.isnan(got), np.isnan(want)), np.flatnonzero(np.isnan(got) != np.isnan(want))
+    ok = ~np.isnan(want)
+    assert ok.sum() > 0
+    np.testing.assert_allclose(got[ok], want[ok], atol=1e-5, rtol=0)
+
+
 def _check_against_scorer(data: dict, out_df: pd.DataFrame, in_df: pd.DataFrame) -> None:
-    """Every input row exactly once, with its columns, the same error and the in-process score."""
+    """Every input row exactly once, with its columns, the same error and the in-process score, which
+    equals the independent reference."""
     assert len(out_df) == len(in_df)
     assert set(out_df.columns) == set(in_df.columns) | {"row_id", "score", "error"}  # no model inputs or keys
     assert out_df["row_id"].is_unique
@@ -110,6 +148,27 @@ def _check_against_scorer(data: dict, out_df: pd.DataFrame, in_df: pd.DataFrame)
     assert np.array_equal(np.isnan(got), np.isnan(scores))
     ok = ~np.isnan(scores)
     np.testing.assert_allclose(got[ok], scores[ok], atol=1e-5, rtol=0)
+    _assert_equals_reference(data, got, list(in_df["image"]), _column_list(in_df["caption"]))
+
+
+def _column_list(values) -> list:
+    return [None if isinstance(v, float) and np.isnan(v) else v for v in values]
+
+
+def test_scorer_equals_an_independent_reference_on_every_row(data):
+    """`Scorer.score` and `score_rows` (batched, each image encoded once per batch) against the eval
+    path's preprocessing and the model's encoders and head run pair by pair."""
+    df = data["df"]
+    images, captions = list(df["image"]), list(df["caption"])
+    scorer = _scorer(data)
+    _assert_equals_reference(data, scorer.score(images, captions), images, captions)
+    scores, errors = scorer.score_rows(df)
+    _assert_equals_reference(data, scores, images, captions)
+    assert sum(e is None for e in errors) == int((~np.isnan(scores)).sum()) == len(df) - len(data["expected"])
+    flickr_images, flickr_captions = _flickr_style()  # 5 consecutive rows per image
+    _assert_equals_reference(data, Scorer.from_dir(data["model"], device="cpu", images_root=data["images"],
+                                                   max_pixels=MAX_PIXELS, batch_size=16).score(
+        flickr_images, flickr_captions), flickr_images, flickr_captions)
 
 
 def test_scorer_scores_pairs_and_names_every_bad_row(data):
@@ -385,10 +444,12 @@ def test_cli_bad_column_is_one_line_error(data, tmp_path):
 
 
 @pytest.mark.timeout(300)
-def test_cli_embedded_ray_run_prints_summary(data, tmp_path):
-    """`itsim score` with no --address starts its own Ray, scores, writes _summary.json, shuts down."""
-    small = tmp_path / "small.tsv"
-    data["df"].iloc[:60].to_csv(small, sep="\t", index=False)
+def test_cli_embedded_ray_run_on_parquet_equals_the_reference(data, tmp_path):
+    """`itsim score` with no --address starts its own Ray, scores a Parquet table, writes _summary.json,
+    shuts down; every output score equals the independent reference."""
+    small = tmp_path / "small.parquet"
+    in_df = data["df"].iloc[:60].reset_index(drop=True)
+    in_df.to_parquet(small, index=False)
     proc = _cli("--model", str(data["model"]), "--input", str(small), "--output", "out", "--images",
                 str(data["images"]), "--max-pixels", str(MAX_PIXELS), "--batch-size", "16", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -405,8 +466,10 @@ def test_cli_embedded_ray_run_prints_summary(data, tmp_path):
         ours = proc.stderr.index("harmless here (Ray Data ships each actor its own settings")
         assert ours < proc.stderr.index(ray_note[0])
     summary = json.loads((tmp_path / "out" / "_summary.json").read_text())
-    assert summary["rows"] == 60 and summary["format"] == "tsv"
-    assert len(_read_output(tmp_path / "out")) == 60
+    assert summary["rows"] == 60 and summary["format"] == "parquet"
+    out = _read_output(tmp_path / "out").sort_values("row_id").reset_index(drop=True)
+    assert list(out["pair_id"]) == list(in_df["pair_id"])
+    _assert_equals_reference(data, out["score"], list(in_df["image"]), list(in_df["caption"]))
 
 
 # ---- headerless tables (--columns) -------------------------------------------------------------
@@ -481,7 +544,10 @@ def test_cli_columns_scores_a_headerless_tsv(data, tmp_path):
                 str(data["images"]), "--columns", "image,caption,label", "--batch-size", "16", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "20 rows in, 19 scored" in proc.stdout
-    assert set(_read_output(tmp_path / "out")["label"]) == {"match", "no-match"}
+    out = _read_output(tmp_path / "out").sort_values("row_id").reset_index(drop=True)
+    assert set(out["label"]) == {"match", "no-match"}
+    in_df = data["df"].iloc[:20]
+    _assert_equals_reference(data, out["score"], list(in_df["image"]), list(in_df["caption"]))
 
 
 def test_flickr8k_itm_dev_tsv_reads_every_pair_with_columns(flickr8k_dir):

@@ -49,6 +49,76 @@ def test_short_training_run_beats_chance_on_synthetic_val(tiny_shards, tmp_path)
     assert (tmp_path / "run" / "config.yaml").is_file()
 
 
+def test_mixed_precision_auto_is_fp32_on_cpu_and_the_lstm_stays_fp32_even_under_bf16(tiny_shards, tmp_path,
+                                                                                      monkeypatch, caplog):
+    """README: on CPU `--mixed-precision auto` trains in fp32, and the LSTM always runs in fp32 (oneDNN
+    has no low-precision LSTM), also when bf16 autocast is on for the rest of the model."""
+    import logging
+
+    from itsim.model import ItsimModel, ModelConfig
+    from itsim.train import TrainConfig, train
+    from itsim.train.runtime import make_accelerator
+
+    monkeypatch.setenv("ACCELERATE_USE_CPU", "1")  # the claim is about CPU, also on a machine with a GPU
+    tiny = dict(channels=(8,), embed_dim=8, lstm_hidden=8, lstm_layers=1, text_dim=16, image_dim=16, head_dim=8)
+
+    def forward_dtypes(precision: str) -> dict[str, torch.dtype]:
+        accelerator, _ = make_accelerator(TrainConfig(out=str(tmp_path / precision), mixed_precision=precision,
+                                                      tensorboard=False))
+        assert accelerator.device.type == "cpu" and accelerator.mixed_precision == (
+            "no" if precision == "auto" else precision)
+        torch.manual_seed(0)
+        model = accelerator.prepare(ItsimModel(ModelConfig(vocab_size=30, **tiny)))
+        seen: dict[str, torch.dtype] = {}
+        hooks = [model.image_encoder.features[0].register_forward_hook(
+                     lambda m, i, o: seen.__setitem__("conv", o.dtype)),
+                 model.text_encoder.lstm.register_forward_hook(
+                     lambda m, i, o: seen.update(lstm_in=i[0].data.dtype, lstm_out=o[1][0].dtype)),
+                 model.fusion.net[0].register_forward_hook(lambda m, i, o: seen.__setitem__("head", o.dtype))]
+        images = torch.randint(0, 256, (4, 32, 32, 3), dtype=torch.uint8)
+        ids, lengths = torch.randint(2, 30, (4, 6)), torch.tensor([6, 3, 1, 5])
+        with accelerator.autocast():
+            logits = model(images, ids, lengths)
+        for h in hooks:
+            h.remove()
+        seen["params"] = {p.dtype for p in model.parameters()}.pop()
+        seen["logits"] = logits.dtype
+        return seen
+
+    auto = forward_dtypes("auto")
+    assert auto == {"conv": torch.float32, "lstm_in": torch.float32, "lstm_out": torch.float32,
+                    "head": torch.float32, "params": torch.float32, "logits": torch.float32}
+    bf16 = forward_dtypes("bf16")
+    assert bf16["conv"] == torch.bfloat16  # autocast really is on for the CNN ...
+    assert bf16["lstm_in"] == bf16["lstm_out"] == torch.float32  # ... and off for the LSTM
+
+    # The trainer itself with the default (auto): fp32 training, fp32 weights exported.
+    caplog.set_level(logging.INFO)
+    train(TrainConfig(shards=str(tiny_shards), out=str(tmp_path / "run"), steps=1, batch_size=8, workers=0,
+                      eval_every=0, val_split="none", tensorboard=False, **tiny))
+    assert "mixed precision no" in caplog.text
+    weights = _params(tmp_path / "run")
+    assert {t.dtype for k, t in weights.items() if not k.endswith("num_batches_tracked")} == {torch.float32}
+
+
+def test_keep_prunes_to_exactly_the_newest_n_checkpoints(tiny_shards, tmp_path):
+    from itsim.train import TrainConfig, train
+
+    run, ckpts = tmp_path / "run", tmp_path / "run" / "checkpoints"
+    tiny = dict(batch_size=8, workers=0, eval_every=0, val_split="none", tensorboard=False, channels=(8,),
+                embed_dim=8, lstm_hidden=8, lstm_layers=1, text_dim=16, image_dim=16, head_dim=8)
+    train(TrainConfig(shards=str(tiny_shards), out=str(run), steps=7, checkpoint_every=2, keep=2, **tiny))
+    # Saved at steps 2, 4, 6 and 7 (the last step); the two newest remain, and nothing else.
+    assert sorted(p.name for p in ckpts.iterdir()) == ["step_0000006", "step_0000007"]
+    for folder in checkpoint.list_checkpoints(ckpts):
+        checkpoint.verify(folder)
+    # A resumed run with --keep 1 prunes what the earlier run left, too.
+    train(TrainConfig(shards=str(tiny_shards), out=str(run), steps=10, checkpoint_every=2, keep=1, resume="auto",
+                      **tiny))
+    assert sorted(p.name for p in ckpts.iterdir()) == ["step_0000010"]
+    assert checkpoint.verify(ckpts / "step_0000010")["step"] == 10
+
+
 def test_bf16_mixed_precision_runs_on_cpu(tiny_shards, tmp_path):
     from itsim.train import TrainConfig, train
 
@@ -165,11 +235,23 @@ def test_two_processes_train_in_sync_on_disjoint_data_with_one_checkpoint_writer
     assert len(checksums) == 1, "parameters differ between ranks"
     keys = [{k for row in a[:-1] for k in row["keys"]} for a in audits]
     assert keys[0] and keys[1] and not keys[0] & keys[1], "ranks trained on the same images"
-    final = checkpoint.list_checkpoints(run / "checkpoints")[-1]
-    names = sorted(p.name for p in final.iterdir())
-    assert "random_states_0.pkl" in names and "random_states_1.pkl" in names
-    assert names.count("model.safetensors") == 1
-    assert not list((run / "checkpoints").glob(".tmp-*"))
+    # Every checkpoint of the run holds exactly one copy of the shared state (written by the main
+    # process) and exactly one RNG file per rank; nothing else is left in the checkpoint folder.
+    ckpts = run / "checkpoints"
+    saved = checkpoint.list_checkpoints(ckpts)
+    assert [p.name for p in saved] == ["step_0000003", "step_0000006"]
+    assert sorted(p.name for p in ckpts.iterdir()) == ["step_0000003", "step_0000006"]  # no .tmp-*, no extras
+    for folder in saved:
+        assert sorted(p.name for p in folder.iterdir()) == [
+            "model.safetensors", "optimizer.bin", "random_states_0.pkl", "random_states_1.pkl",
+            checkpoint.STATE_FILE], folder.name
+        state = checkpoint.verify(folder)  # every file as the main process hashed it after both ranks wrote
+        assert sorted(state["files"]) == ["model.safetensors", "optimizer.bin", "random_states_0.pkl",
+                                          "random_states_1.pkl"]
+        assert state["world_size"] == 2 and state["step"] == int(folder.name.split("_")[1])
+    # The one writer saved the synchronised parameters: the last checkpoint is the exported model.
+    last, exported = load_file(str(saved[-1] / "model.safetensors")), _params(run)
+    assert sorted(last) == sorted(exported) and all(torch.equal(last[k], exported[k]) for k in exported)
 
 
 def test_world_size_without_distributed_launch_is_refused(tiny_shards, tmp_path):

@@ -59,8 +59,8 @@ def iter_samples(fileobj: IO[bytes]) -> Iterator[dict[str, Any]]:
                     yield sample
                 sample = {"__key__": key}
             sample[ext.lower()] = data
-    except ShardEndError:
-        if sample is not None:  # its members are whole; the shard's end is what is missing
+    except Exception:  # ShardEndError, or a member cut mid-data (tarfile.ReadError): the rest is lost ...
+        if sample is not None:  # ... but the members read so far are whole: keep the sample they make
             yield sample
         raise
     if sample is not None:
