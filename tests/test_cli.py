@@ -31,11 +31,12 @@ def _configs() -> dict[str, type]:
     from itsim.data.synth.writer import SynthConfig
     from itsim.demo import DemoConfig
     from itsim.eval import EvalConfig
+    from itsim.model.export import ExportConfig
     from itsim.score.config import ScoreConfig
     from itsim.train import TrainConfig
 
     return {"synth": SynthConfig, "build-shards": ShardConfig, "train": TrainConfig, "eval": EvalConfig,
-            "score": ScoreConfig, "demo": DemoConfig}
+            "score": ScoreConfig, "demo": DemoConfig, "export": ExportConfig}
 
 
 CONFIGS = _configs()
