@@ -82,18 +82,24 @@ def in_batch_negatives(scores: torch.Tensor | None, valid: torch.Tensor, k: int,
                        gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
     """(indices [B, k], usable [B, k]): for each image, k captions among the `valid` ones [B, N].
 
-    mode "hard" takes the highest `scores` (image i against caption j), "random" a uniform draw. When
-    an image has fewer than k valid captions its extra slots are marked unusable.
+    mode "hard" takes the highest `scores` (image i against caption j), "random" a uniform draw, "itc"
+    a draw without replacement in proportion to softmax(scores) over the valid captions (Gumbel top-k;
+    ALBEF's negatives from the contrastive similarities). When an image has fewer than k valid
+    captions its extra slots are marked unusable.
     """
     k = max(1, min(k, valid.shape[1]))
-    if mode == "hard":
+    if mode in ("hard", "itc"):
         if scores is None:
-            raise ValueError("hard negatives need the step's scores")
-        ranked = scores.detach().float().masked_fill(~valid, float("-inf"))
+            raise ValueError(f"{mode} negatives need the step's scores")
+        ranked = scores.detach().float()
+        if mode == "itc":
+            uniform = torch.rand(valid.shape, generator=gen).clamp(1e-12, 1 - 1e-7)
+            ranked = ranked - torch.log(-torch.log(uniform))
+        ranked = ranked.masked_fill(~valid, float("-inf"))
     elif mode == "random":
         ranked = torch.rand(valid.shape, generator=gen).masked_fill(~valid, float("-inf"))
     else:
-        raise ValueError(f"unknown negatives mode {mode!r} (random|hard)")
+        raise ValueError(f"unknown negatives mode {mode!r} (random|hard|itc)")
     top = ranked.topk(k, dim=1)
     return top.indices, torch.isfinite(top.values)
 
@@ -101,7 +107,7 @@ def in_batch_negatives(scores: torch.Tensor | None, valid: torch.Tensor, k: int,
 def in_batch_pairs(caps: StepCaptions, key_ids: torch.Tensor, k: int, mode: str, gen: torch.Generator,
                    scores: torch.Tensor | None = None) -> Pairs:
     """Every caption with its own image (positives, half the loss) and each image with k captions of
-    other images (negatives, the other half). `scores` [B, N] is needed for mode "hard"."""
+    other images (negatives, the other half). `scores` [B, N] is needed for modes "hard" and "itc"."""
     b, n = key_ids.shape[0], caps.image.shape[0]
     valid = key_ids[:, None] != key_ids[caps.image][None, :]
     neg, usable = in_batch_negatives(scores, valid, k, mode, gen)
@@ -113,6 +119,13 @@ def in_batch_pairs(caps: StepCaptions, key_ids: torch.Tensor, k: int, mode: str,
                  text_index=torch.cat([torch.arange(n), neg.reshape(-1)]),
                  labels=torch.cat([torch.ones(n), torch.zeros(neg.numel())]),
                  weights=torch.cat([pos_w, neg_w]))
+
+
+def drop_words(ids: torch.Tensor, lengths: torch.Tensor, p: float, gen: torch.Generator, unk_id: int = 1) -> torch.Tensor:
+    """Word dropout: each token within its caption's length becomes `unk_id` with probability p (a copy)."""
+    positions = torch.arange(ids.shape[1])[None, :] < lengths[:, None]
+    hit = (torch.rand(ids.shape, generator=gen) < p) & positions
+    return ids.masked_fill(hit, unk_id)
 
 
 def fixed_balanced_pairs(caption_image: np.ndarray, seed: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

@@ -56,6 +56,11 @@ class EvalConfig:
     retrieval_images: int = dataclasses.field(
         default=1000, metadata={"help": "retrieval over the first N images of the split, in shard order (0 = all)"})
     device: str = dataclasses.field(default="auto", metadata={"help": "auto, cpu, cuda, cuda:1, ..."})
+    rank_by: str = dataclasses.field(default="head", metadata={
+        "help": "retrieval ranks by the head's logits (head) or by the contrastive similarities (itc; models "
+                "trained with --contrastive-dim)"})
+    rerank: int = dataclasses.field(default=0, metadata={
+        "help": "with --rank-by itc: re-rank each query's top K candidates by the head (0 = off)"})
     plots: bool = dataclasses.field(default=True, metadata={"help": "write PNG plots"})
     report: bool = dataclasses.field(
         default=True, metadata={"help": "write report.html (metrics, plots, example retrievals, worst mistakes)"})
@@ -278,12 +283,47 @@ def _threshold(cfg: EvalConfig, model: Any, vocab: Vocab, pre: Any, device: torc
     return metrics.best_threshold(*fixed_pair_scores(model, val, cfg.seed))[0], cfg.val_split
 
 
-def _retrieval(model: Any, enc: EncodedSplit, max_images: int) -> tuple[dict[str, Any], torch.Tensor]:
+@torch.inference_mode()
+def _itc_retrieval(model: Any, image_vecs: torch.Tensor, caption_vecs: torch.Tensor, caption_to_image: np.ndarray,
+                   rerank: int) -> tuple[dict[str, Any], torch.Tensor]:
+    """Retrieval ranked by the contrastive similarities; with `rerank` K, each image's top K captions
+    (and each caption's top K images) are re-ordered by the head's logits and stay ahead of the rest."""
+    sim = model.similarity(image_vecs, caption_vecs).float()
+    if rerank <= 0:
+        return metrics.retrieval_metrics(sim.cpu(), caption_to_image), sim.cpu()
+    matrices = []
+    for dim in (1, 0):  # 1: image -> text, 0: text -> image
+        k = min(rerank, sim.shape[dim])
+        top = sim.topk(k, dim=dim).indices
+        if dim == 1:
+            img, cap = torch.arange(sim.shape[0], device=sim.device).repeat_interleave(k), top.reshape(-1)
+        else:
+            img, cap = top.t().reshape(-1), torch.arange(sim.shape[1], device=sim.device).repeat_interleave(k)
+        head = torch.as_tensor(score_pairs(model, image_vecs, caption_vecs, img.cpu().numpy(), cap.cpu().numpy()),
+                               dtype=torch.float32, device=sim.device)
+        # every candidate outside the top K moves below the lowest head logit, keeping its order (a small
+        # shift: the ranks are counted in float32, where 1e4 + a logit would lose the logit's digits)
+        ranked = sim - (sim.max() - head.min() + 1)
+        ranked[img, cap] = head
+        matrices.append(ranked.cpu())
+    i2t = metrics.retrieval_metrics(matrices[0], caption_to_image)
+    t2i = metrics.retrieval_metrics(matrices[1], caption_to_image)
+    return {**{k: v for k, v in i2t.items() if k.startswith("i2t")},
+            **{k: v for k, v in t2i.items() if k.startswith("t2i")}}, matrices[0]
+
+
+def _retrieval(model: Any, enc: EncodedSplit, max_images: int, rank_by: str = "head",
+               rerank: int = 0) -> tuple[dict[str, Any], torch.Tensor]:
     """Retrieval over the first `max_images` images and their captions (a prefix: captions are grouped);
     the metrics and the logit matrix [n_img, n_cap] on the CPU."""
     n_img = len(enc.keys) if max_images <= 0 else min(max_images, len(enc.keys))
     n_cap = int(np.sum(enc.caption_to_image < n_img))
     start = time.perf_counter()
+    if rank_by == "itc":
+        result, matrix = _itc_retrieval(model, enc.image_vecs[:n_img], enc.caption_vecs[:n_cap],
+                                        enc.caption_to_image[:n_cap], rerank)
+        return {**result, "retrieval_images": n_img, "retrieval_captions": n_cap, "retrieval_rank_by": "itc",
+                "retrieval_rerank": rerank, "retrieval_seconds": round(time.perf_counter() - start, 4)}, matrix
     matrix = score_all_pairs(model, enc.image_vecs[:n_img], enc.caption_vecs[:n_cap])
     if matrix.is_cuda:
         torch.cuda.synchronize()
@@ -306,7 +346,8 @@ def _write_report(out: Path, result: dict[str, Any], enc: EncodedSplit, matrix: 
 
 def evaluate(cfg: EvalConfig) -> dict[str, Any]:
     """Run the evaluation described by `cfg`, write EVAL_DIR/metrics.json and plots; return the metrics."""
-    config.check(cfg, ("model", "shards"), [(bool(cfg.pairs) == bool(cfg.images), "--pairs and --images go together")])
+    config.check(cfg, ("model", "shards"), [(bool(cfg.pairs) == bool(cfg.images), "--pairs and --images go together"),
+                                            (cfg.rank_by in ("head", "itc"), "--rank-by is head or itc")])
     model_dir = Path(cfg.model).resolve()
     out = Path(cfg.out) if cfg.out else model_dir.parent / "eval"
     out.mkdir(parents=True, exist_ok=True)
@@ -315,11 +356,13 @@ def evaluate(cfg: EvalConfig) -> dict[str, Any]:
     device = resolve_device(cfg.device)
     model, vocab, pre = load_model(model_dir, device)
     model.eval()
+    if cfg.rank_by == "itc" and getattr(model.cfg, "contrastive_dim", 0) <= 0:
+        raise UserError("--rank-by itc needs a model trained with --contrastive-dim")
 
     keep = min(cfg.retrieval_images if cfg.retrieval_images > 0 else MAX_THUMBNAILS, MAX_THUMBNAILS)
     enc = encode_split(model, vocab, pre, cfg.shards, cfg.split, cfg.batch_size, device,
                        thumbnails=keep if cfg.report else 0)
-    retrieval, matrix = _retrieval(model, enc, cfg.retrieval_images)
+    retrieval, matrix = _retrieval(model, enc, cfg.retrieval_images, cfg.rank_by, cfg.rerank)
     probs, labels = fixed_pair_scores(model, enc, cfg.seed)
     threshold, source = _threshold(cfg, model, vocab, pre, device, probs, labels)
     at_half = metrics.classification_report(probs, labels, 0.5)

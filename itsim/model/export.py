@@ -39,6 +39,7 @@ from torch import nn
 from itsim import __version__, config
 from itsim.errors import UserError
 from itsim.model import ItsimModel, Preprocess, load_model
+from itsim.model.network import pool_outputs
 
 log = logging.getLogger(__name__)
 
@@ -78,6 +79,7 @@ class UnpackedTextEncoder(nn.Module):
             raise ValueError("UnpackedTextEncoder expects a batch-first bidirectional nn.LSTM without projections")
         self.embed = encoder.embed
         self.proj = encoder.proj
+        self.pool = getattr(encoder, "pool", "last")
         self.forward_layers = nn.ModuleList(_one_direction(lstm, k, "") for k in range(lstm.num_layers))
         self.backward_layers = nn.ModuleList(_one_direction(lstm, k, "_reverse") for k in range(lstm.num_layers))
 
@@ -94,6 +96,8 @@ class UnpackedTextEncoder(nn.Module):
             out_fwd, _ = fwd(x)
             out_bwd_reversed, _ = bwd(_gather_steps(x, reverse))
             x = torch.cat([out_fwd, _gather_steps(out_bwd_reversed, reverse)], dim=2)
+        if self.pool != "last":
+            return self.proj(pool_outputs(x, lengths, self.pool))
         last = (lengths - 1).unsqueeze(1)
         final = torch.cat([_gather_steps(out_fwd, last).squeeze(1), _gather_steps(out_bwd_reversed, last).squeeze(1)],
                           dim=1)

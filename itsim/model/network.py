@@ -6,10 +6,13 @@ only the small head over many pairs (see encode.py).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
+
+import math
 
 import torch
 from torch import nn
-from torch.nn.utils.rnn import pack_padded_sequence
+from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
 from itsim.model.encode import score_all_pairs
 from itsim.text import PAD_ID
@@ -34,6 +37,12 @@ class ModelConfig:
     # the text vector and a projection of the image vector, which makes agreement easy to express.
     fusion: str = "concat"
     channels_last: bool = False
+    # The caption vector: "last" (reference) = the top layer's final forward and backward states,
+    # "mean"/"max" = pooled over every position's top-layer outputs.
+    text_pool: str = "last"
+    # > 0: both vectors are also projected to this shared size and L2-normalised for a contrastive
+    # (ITC) objective with a learnable temperature; 0 (reference) = no such projections.
+    contrastive_dim: int = 0
 
 
 def images_to_float(images: torch.Tensor, channels_last: bool = False) -> torch.Tensor:
@@ -87,6 +96,9 @@ class TextEncoder(nn.Module):
                             bidirectional=True, dropout=cfg.lstm_dropout if cfg.lstm_layers > 1 else 0.0)
         out = 2 * cfg.lstm_hidden
         self.proj = nn.Identity() if out == cfg.text_dim else nn.Linear(out, cfg.text_dim)
+        if cfg.text_pool not in ("last", "mean", "max"):
+            raise ValueError(f"unknown text_pool {cfg.text_pool!r} (last | mean | max)")
+        self.pool = cfg.text_pool
 
     def forward(self, ids: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
         ids = ids.long()
@@ -98,9 +110,20 @@ class TextEncoder(nn.Module):
             if on_cpu:
                 emb = emb.float()
             packed = pack_padded_sequence(emb, lengths.cpu(), batch_first=True, enforce_sorted=False)
-            _, (h_n, _) = self.lstm(packed)
+            outputs, (h_n, _) = self.lstm(packed)
+        if self.pool != "last":
+            return self.proj(pool_outputs(pad_packed_sequence(outputs, batch_first=True)[0], lengths, self.pool))
         last = torch.cat([h_n[-2], h_n[-1]], dim=1)  # final forward and backward states of the top layer
         return self.proj(last)
+
+
+def pool_outputs(outputs: torch.Tensor, lengths: torch.Tensor, mode: str) -> torch.Tensor:
+    """Mean or max over the valid positions of [B, L, D] outputs (positions >= length ignored)."""
+    valid = (torch.arange(outputs.shape[1], device=outputs.device)[None, :] < lengths.to(outputs.device)[:, None])
+    valid = valid.unsqueeze(2)
+    if mode == "max":
+        return outputs.masked_fill(~valid, float("-inf")).amax(dim=1)
+    return (outputs * valid).sum(dim=1) / valid.sum(dim=1).clamp(min=1)
 
 
 class FusionHead(nn.Module):
@@ -137,6 +160,17 @@ class ItsimModel(nn.Module):
         self.image_encoder = ImageEncoder(cfg)
         self.text_encoder = TextEncoder(cfg)
         self.fusion = FusionHead(cfg)
+        if cfg.contrastive_dim > 0:
+            self.image_embed = nn.Linear(cfg.image_dim, cfg.contrastive_dim)
+            self.text_embed = nn.Linear(cfg.text_dim, cfg.contrastive_dim)
+            self.logit_scale = nn.Parameter(torch.tensor(math.log(1 / 0.07)))
+
+    def similarity(self, image_vec: torch.Tensor, text_vec: torch.Tensor) -> torch.Tensor:
+        """Contrastive logits [n_img, n_txt]: temperature-scaled cosine of the projected vectors (needs
+        contrastive_dim > 0). The scale exp(logit_scale) is capped at 100 as in CLIP."""
+        img = nn.functional.normalize(self.image_embed(image_vec.float()), dim=1)
+        txt = nn.functional.normalize(self.text_embed(text_vec.float()), dim=1)
+        return self.logit_scale.clamp(max=math.log(100.0)).exp() * img @ txt.t()
 
     def encode_image(self, images: torch.Tensor) -> torch.Tensor:
         return self.image_encoder(images)
@@ -148,14 +182,22 @@ class ItsimModel(nn.Module):
         return self.fusion(image_vec, text_vec)
 
     def forward(self, images: torch.Tensor, ids: torch.Tensor, lengths: torch.Tensor,
-                image_index: torch.Tensor | None = None, text_index: torch.Tensor | None = None) -> torch.Tensor:
+                image_index: torch.Tensor | None = None, text_index: torch.Tensor | None = None,
+                select: Any = None) -> Any:
         """Logits for pairs (image_index[p], text_index[p]); without indices, image i with caption i.
 
         Encoding each image and caption once and indexing the vectors is what lets one CNN pass serve
         many pairs. Training goes through `forward` (not the encoders directly) so DDP sees the call.
+        With `select` (contrastive models): the similarity matrix [B, N] is computed first, the pairs
+        come from `select(similarity.detach())` -> (image_index, text_index), and the result is
+        (logits, similarity), all in this one call.
         """
         image_vec = self.encode_image(images)
         text_vec = self.encode_text(ids, lengths)
+        if select is not None:
+            sim = self.similarity(image_vec, text_vec)
+            image_index, text_index = select(sim.detach())
+            return self.head(image_vec[image_index], text_vec[text_index]), sim
         if image_index is not None:
             image_vec = image_vec[image_index]
         if text_index is not None:

@@ -26,12 +26,18 @@ class TrainConfig:
     mixed_precision: Literal["auto", "no", "bf16", "fp16"] = field(
         default="auto", metadata={"help": "auto = bf16 on GPU, no (fp32) on CPU"})
     pairs: Literal["balanced", "in-batch"] = field(default="balanced", metadata={"help": "how to form true/false pairs"})
-    negatives: Literal["random", "hard"] = field(default="random", metadata={"help": "in-batch negatives"})
+    negatives: Literal["random", "hard", "itc"] = field(default="random", metadata={
+        "help": "in-batch negatives: random, hard (highest head logits) or itc (drawn in proportion to the "
+                "softmax of the contrastive similarities, as ALBEF; needs --contrastive-dim)"})
     negatives_k: int = field(default=7, metadata={"help": "negative captions per image (in-batch)"})
     captions_per_image: int = field(default=0, metadata={
         "help": "captions per image per step: 0 = all of them (every image-caption pair, one CNN pass), N = N random"})
     label_smoothing: float = 0.0
-    augment: str = field(default="", metadata={"help": "comma list of crop,flip ('' = none)"})
+    itc_weight: float = field(default=0.0, metadata={
+        "help": "weight of the symmetric InfoNCE loss over the batch beside the head's BCE (needs --contrastive-dim)"})
+    word_dropout: float = field(default=0.0, metadata={"help": "probability a caption token becomes <unk> in training"})
+    augment: str = field(default="", metadata={
+        "help": "comma list of crop,flip,rrc (random resized crop),jitter (colour) ('' = none)"})
     checkpoint_every: int = 250
     keep: int = field(default=3, metadata={"help": "checkpoints kept"})
     eval_every: int = field(default=250, metadata={"help": "validate every N steps (0 = only at the end)"})
@@ -69,6 +75,10 @@ class TrainConfig:
     fusion: Literal["concat", "concat_product"] = field(
         default="concat", metadata={"help": "head input: concat (reference) or concat_product"})
     channels_last: bool = False
+    text_pool: Literal["last", "mean", "max"] = field(default="last", metadata={
+        "help": "caption vector: last LSTM states (reference) or mean/max over all outputs"})
+    contrastive_dim: int = field(default=0, metadata={
+        "help": "shared size of the contrastive projections of both vectors (0 = none, the reference)"})
 
     def model_config(self, vocab_size: int) -> ModelConfig:
         names = {f.name for f in dataclasses.fields(ModelConfig)}

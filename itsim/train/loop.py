@@ -133,7 +133,10 @@ def setup(cfg: TrainConfig) -> Run:
     """Check the inputs, build the accelerator, model, optimizer and this rank's data stream; resume."""
     config.check(cfg, ("shards",), [
         (cfg.negatives_k >= 1, f"--negatives-k must be >= 1 (got {cfg.negatives_k})"),
-        (cfg.captions_per_image >= 0, f"--captions-per-image must be >= 0 (got {cfg.captions_per_image})")])
+        (cfg.captions_per_image >= 0, f"--captions-per-image must be >= 0 (got {cfg.captions_per_image})"),
+        (cfg.contrastive_dim > 0 or (cfg.itc_weight == 0 and cfg.negatives != "itc"),
+         "--itc-weight and --negatives itc need --contrastive-dim > 0"),
+        (0 <= cfg.word_dropout < 1, f"--word-dropout must be in [0, 1) (got {cfg.word_dropout})")])
     manifest = read_manifest(cfg.shards)
     train_shards = split_shards(cfg.shards, "train")
     n_train = int(manifest.get("splits", {}).get("train", {}).get("images", 0))

@@ -10,7 +10,8 @@ from typing import Any, Protocol
 import torch
 import torch.nn.functional as F
 
-from itsim.data.pairs import balanced_pairs, in_batch_pairs, step_captions
+from itsim.data.pairs import Pairs, balanced_pairs, drop_words, in_batch_pairs, step_captions
+from itsim.text import UNK_ID
 
 
 class PairsConfig(Protocol):
@@ -21,6 +22,8 @@ class PairsConfig(Protocol):
     negatives_k: int
     captions_per_image: int
     label_smoothing: float
+    itc_weight: float
+    word_dropout: float
 
 
 def step_loss(model: torch.nn.Module, images: torch.Tensor, batch: dict[str, Any], cfg: PairsConfig,
@@ -32,9 +35,28 @@ def step_loss(model: torch.nn.Module, images: torch.Tensor, batch: dict[str, Any
     """
     device = images.device
     caps = step_captions(batch, cfg.captions_per_image, gen)
-    ids, lengths = caps.ids.to(device, non_blocking=True), caps.lengths.to(device, non_blocking=True)
+    word_dropout = getattr(cfg, "word_dropout", 0.0)
+    caption_ids = drop_words(caps.ids, caps.lengths, word_dropout, gen, UNK_ID) if word_dropout > 0 else caps.ids
+    ids, lengths = caption_ids.to(device, non_blocking=True), caps.lengths.to(device, non_blocking=True)
     key_ids = batch["key_ids"]
-    if cfg.pairs == "balanced":
+    itc_weight = getattr(cfg, "itc_weight", 0.0)
+    sim = None
+    if itc_weight > 0 or cfg.negatives == "itc":
+        chosen: list[Pairs] = []
+
+        def select(similarity: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            # in-batch "hard" and "itc" negatives come from the contrastive similarities here
+            if cfg.pairs == "balanced":
+                found = balanced_pairs(caps, key_ids, gen)
+            else:
+                found = in_batch_pairs(caps, key_ids, cfg.negatives_k, cfg.negatives, gen,
+                                       scores=similarity.float().cpu())
+            chosen.append(found.to(device))
+            return chosen[0].image_index, chosen[0].text_index
+
+        logits, sim = model(images, ids, lengths, select=select)
+        pairs = chosen[0]
+    elif cfg.pairs == "balanced":
         pairs = balanced_pairs(caps, key_ids, gen).to(device)
         logits = model(images, ids, lengths, pairs.image_index, pairs.text_index)
     elif cfg.negatives == "hard":
@@ -51,6 +73,19 @@ def step_loss(model: torch.nn.Module, images: torch.Tensor, batch: dict[str, Any
     logits = logits.float()
     target = pairs.labels * (1 - 2 * cfg.label_smoothing) + cfg.label_smoothing
     loss = (pairs.weights * F.binary_cross_entropy_with_logits(logits, target, reduction="none")).sum()
+    if sim is not None and itc_weight > 0:
+        positive = (key_ids[:, None] == key_ids[caps.image][None, :]).to(device)
+        loss = loss + itc_weight * itc_loss(sim.float(), positive)
     counted = pairs.weights > 0
     correct = (((logits > 0).float() == pairs.labels) & counted).float().sum()
     return loss, correct, len(pairs)
+
+
+def itc_loss(sim: torch.Tensor, positive: torch.Tensor) -> torch.Tensor:
+    """Symmetric InfoNCE over the batch: sim [B images, N captions] (temperature-scaled), positive [B, N]
+    marks each image's own captions. Each row (image -> captions) and each column (caption -> images)
+    is a softmax cross-entropy against the uniform distribution over its positives; the mean of both."""
+    target = positive.float()
+    i2t = -(target / target.sum(1, keepdim=True).clamp(min=1) * F.log_softmax(sim, dim=1)).sum(1)
+    t2i = -(target / target.sum(0, keepdim=True).clamp(min=1) * F.log_softmax(sim, dim=0)).sum(0)
+    return 0.5 * (i2t[target.sum(1) > 0].mean() + t2i[target.sum(0) > 0].mean())

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 
 from itsim.data.loader import read_split
 from itsim.data.pairs import fixed_balanced_pairs
-from itsim.eval.metrics import roc_auc
+from itsim.eval.metrics import retrieval_metrics, roc_auc
 from itsim.model import ItsimModel, encode_captions, encode_images
 
 EVAL_PAIR_SEED = 0
@@ -53,6 +53,7 @@ class ValidationSet:
         image_idx, caption_idx, labels = self.pairs()
         image_vec = encode_images(model, self.images, device)
         text_vec = encode_captions(model, self.ids, self.lengths, device)
+        self._vectors = (image_vec, text_vec)
         logits = torch.cat([
             model.head(image_vec[image_idx[i:i + 4096]], text_vec[caption_idx[i:i + 4096]]).float()
             for i in range(0, len(labels), 4096)
@@ -69,5 +70,11 @@ class ValidationSet:
         if len(labels) == 0:
             return {}
         loss = F.binary_cross_entropy_with_logits(torch.from_numpy(logits), torch.from_numpy(labels).float())
-        return {"val_loss": float(loss), "val_accuracy": float(((logits > 0) == (labels == 1)).mean()),
-                "val_roc_auc": float(roc_auc(logits, labels)), "val_pairs": int(len(labels))}
+        result = {"val_loss": float(loss), "val_accuracy": float(((logits > 0) == (labels == 1)).mean()),
+                  "val_roc_auc": float(roc_auc(logits, labels)), "val_pairs": int(len(labels))}
+        if getattr(model.cfg, "contrastive_dim", 0) > 0:  # retrieval by the contrastive vectors: one matmul
+            with torch.no_grad():
+                sim = model.similarity(*self._vectors).float().cpu()
+            ranks = retrieval_metrics(sim, self.caption_image)
+            result.update({f"val_itc_{k}": float(ranks[k]) for k in ("i2t_r1", "i2t_r10", "t2i_r1", "t2i_r10")})
+        return result
