@@ -18,7 +18,8 @@ if TYPE_CHECKING:
 
 
 def autocast(device: torch.device) -> contextlib.AbstractContextManager:
-    """bf16 autocast on CUDA for the CNN; fp32 on CPU (CPU bf16 convolutions are ~10x slower)."""
+    """bf16 autocast on CUDA for the encoders; fp32 on CPU (CPU bf16 convolutions are ~10x slower).
+    The LSTM and the head turn it off for themselves (fp32 on every device)."""
     if device.type == "cuda":
         return torch.autocast("cuda", dtype=torch.bfloat16)
     return contextlib.nullcontext()
@@ -95,7 +96,15 @@ def score_all_pairs(model: "ItsimModel", image_vecs: torch.Tensor, caption_vecs:
     caption part computed once each, with the eval-mode BatchNorm folded in; each pair then costs
     one add, a ReLU and a dot product instead of a 768x256 matmul. Other heads fall back to calling
     `model.head` on repeated vectors. Either way work proceeds in chunks of about `max_elements`.
+    The head runs in fp32 with autocast off whatever the caller's autocast (the CNN may be bf16): bf16
+    logits tie, and rankings would then differ between devices and from `itsim eval`.
     """
+    with torch.autocast(device_type=image_vecs.device.type, enabled=False):
+        return _score_all_pairs_fp32(model, image_vecs.float(), caption_vecs.float(), max_elements)
+
+
+def _score_all_pairs_fp32(model: "ItsimModel", image_vecs: torch.Tensor, caption_vecs: torch.Tensor,
+                          max_elements: int) -> torch.Tensor:
     n_img, n_cap = image_vecs.shape[0], caption_vecs.shape[0]
     parts = _foldable_head(model)
     out = torch.empty((n_img, n_cap), dtype=torch.float32, device=image_vecs.device)

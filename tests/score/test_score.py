@@ -196,6 +196,26 @@ def test_repeated_images_are_encoded_once_per_batch_and_score_as_row_by_row(data
     np.testing.assert_allclose(scores[ok], one_by_one, atol=1e-5, rtol=0)
 
 
+def test_scorer_head_runs_in_fp32_under_bf16_autocast(data):
+    """The head of every scoring path is fp32 whatever the autocast around it (on a GPU the encoders run in
+    bf16): under CPU bf16 autocast the matrix from the same vectors equals the fp32 one exactly, and each
+    row's score is the fp32 head over the (autocast) encoder outputs."""
+    scorer = _scorer(data)
+    prep = scorer.prepare([f"sub/img{i:03d}.jpg" for i in range(12)], [_caption(i) for i in range(12)])
+    image_vecs, text_vecs = scorer.encode_images(prep.pixels), scorer.encode_texts(prep.ids, prep.lengths)
+    fp32 = scorer.matrix_from_vectors(image_vecs, text_vecs)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        mixed = scorer.matrix_from_vectors(image_vecs, text_vecs)
+        rows = scorer.score_prepared(prep)
+        with torch.inference_mode():
+            image_16 = scorer.model.encode_image(torch.from_numpy(prep.pixels))
+            text_16 = scorer.model.encode_text(torch.from_numpy(prep.ids), prep.lengths)
+    assert np.array_equal(mixed, fp32)
+    with torch.inference_mode():
+        expected = torch.sigmoid(scorer.model.fusion(image_16.float(), text_16.float())).numpy()
+    assert np.array_equal(rows, expected)
+
+
 def test_ray_actor_encodes_each_image_once_across_regrouped_preprocessed_blocks(data, ray_local):
     """Two blocks preprocessed apart and joined (as Ray may regroup rows) share image keys: the actor's
     CNN sees each distinct image once, and its output columns are the input's plus `score`, `error`."""
