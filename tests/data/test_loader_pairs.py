@@ -99,6 +99,44 @@ def test_balanced_pairs_cover_every_caption_about_half_negative_never_the_same_i
     assert 0.46 < rate < 0.54, rate
 
 
+def test_balanced_pairs_statistics_half_negative_other_image_uniform_its_captions_uniform():
+    """The O(n) draw keeps the reference's statistics: P(negative) = 0.5; the other image uniform among
+    the batch's other distinct images (a repeated image, same key, is not "other"); within it every
+    caption equally likely, whatever the caption counts. Tolerances: 5 standard deviations."""
+    from itsim.data.pairs import StepCaptions
+
+    key_ids = torch.tensor([10, 11, 12, 10, 13])  # row 3 repeats row 0's image
+    n_caps = [2, 1, 3, 4, 5]
+    image = torch.cat([torch.full((c,), i) for i, c in enumerate(n_caps)])
+    n = len(image)
+    caps = StepCaptions(torch.zeros(n, 3, dtype=torch.int32), torch.ones(n, dtype=torch.int32), image)
+    caption_key = key_ids[image]
+    negative = torch.zeros(n)
+    drawn = torch.zeros(n, n)  # [caption, caption whose text it was given as a negative]
+    steps = 4000
+    for step in range(steps):
+        pairs = balanced_pairs(caps, key_ids, step_generator(0, step, 0))
+        neg = pairs.labels == 0
+        assert (caption_key[pairs.text_index[neg]] != caption_key[neg]).all()
+        negative += neg.float()
+        drawn[torch.nonzero(neg).flatten(), pairs.text_index[neg]] += 1
+
+    def close(count: float, total: float, p: float) -> bool:
+        return abs(count / total - p) <= 5 * (p * (1 - p) / total) ** 0.5
+
+    assert close(float(negative.sum()), steps * n, 0.5)
+    keys = sorted(set(key_ids.tolist()))
+    for own in keys:
+        mine = caption_key == own
+        per_key = {k: float(drawn[mine][:, caption_key == k].sum()) for k in keys}
+        assert per_key[own] == 0
+        total = sum(per_key.values())
+        assert all(close(per_key[k], total, 1 / 3) for k in keys if k != own), (own, per_key)
+    for key in keys:  # the captions of one image equally likely (image 10's span two batch rows)
+        given = drawn[:, caption_key == key].sum(dim=0)
+        assert all(close(float(g), float(given.sum()), 1 / len(given)) for g in given), (key, given)
+
+
 def test_pairs_are_deterministic_for_seed_step_rank(tiny_shards):
     batch = next(iter(make_loader(_spec(tiny_shards), workers=0)))
 
