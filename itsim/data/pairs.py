@@ -48,6 +48,7 @@ class Pairs:
         return Pairs(**{f.name: getattr(self, f.name).to(device, non_blocking=True) for f in fields(self)})
 
     def __len__(self) -> int:
+        """Pairs that count (weight > 0); read it while `weights` is on the host (on a GPU it is a sync)."""
         return int((self.weights > 0).sum())
 
 

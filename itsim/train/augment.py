@@ -37,6 +37,6 @@ def augment(images: torch.Tensor, ops: tuple[str, ...], gen: torch.Generator, mi
     theta[:, 0, 0] = scale * flip
     theta[:, 1, 1] = scale
     theta[:, :, 2] = shift
-    theta = theta.to(images.device, images.dtype)
+    theta = theta.to(images.device, images.dtype, non_blocking=True)  # no host sync on a GPU
     grid = F.affine_grid(theta, list(images.shape), align_corners=False)
     return F.grid_sample(images, grid, mode="bilinear", padding_mode="border", align_corners=False)

@@ -35,7 +35,9 @@ class TrainConfig:
     checkpoint_every: int = 250
     keep: int = field(default=3, metadata={"help": "checkpoints kept"})
     eval_every: int = field(default=250, metadata={"help": "validate every N steps (0 = only at the end)"})
-    log_every: int = 10
+    log_every: int = field(default=10, metadata={
+        "help": "log every N steps; metrics are read from the device (a host sync) and a SIGTERM/SIGINT is "
+                "acted on only at these steps, so a stop request ends the run within N steps"})
     val_split: str = "val"
     val_max_images: int = 1000
     resume: str = field(default="", metadata={"help": "'auto' (newest complete checkpoint) or a checkpoint path"})

@@ -31,8 +31,8 @@ from itsim.train import checkpoint
 from itsim.train.augment import augment, parse_ops
 from itsim.train.config import TrainConfig, lr_at
 from itsim.train.objective import step_loss
-from itsim.train.runtime import (StopFlag, any_rank, cpu_threads, looks_like_peer_failure, make_accelerator,
-                                 param_checksum)
+from itsim.train.runtime import (StopFlag, any_rank, configure_backends, cpu_threads, looks_like_peer_failure,
+                                 make_accelerator, param_checksum)
 from itsim.train.validate import ValidationSet
 
 log = logging.getLogger("itsim.train")
@@ -64,10 +64,11 @@ class Run:
 
 @dataclass
 class Window:
-    """Running sums between two log lines."""
+    """Running sums between two log lines. Loss and correct pairs stay device tensors until the log
+    step reads them (one host sync per `--log-every` steps instead of two per step)."""
 
-    loss: float = 0.0
-    correct: float = 0.0
+    loss: torch.Tensor | float = 0.0
+    correct: torch.Tensor | float = 0.0
     pairs: int = 0
     images: int = 0
     wait: float = 0.0
@@ -101,12 +102,15 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
                 continue
             run.step += 1
             progress.update(1)
-            if run.step % cfg.log_every == 0 or run.step == run.total:
+            log_step = run.step % cfg.log_every == 0 or run.step == run.total
+            if log_step:
                 log_window(run, window, batch_index, progress)
                 window = Window(bad_samples=window.bad_samples)
             if run.val is not None and (run.step == run.total or (cfg.eval_every and run.step % cfg.eval_every == 0)):
                 last_val = validate(run)
-            should_stop = any_rank(run.accelerator, stop.raised)
+            # The ranks agree on stopping at log steps only: a collective (and a host sync) per step
+            # would stall the GPU; a signal therefore ends the run within --log-every steps.
+            should_stop = log_step and any_rank(run.accelerator, stop.raised)
             if run.step % cfg.checkpoint_every == 0 or run.step == run.total or should_stop:
                 save_checkpoint(run)
             if should_stop:
@@ -153,6 +157,7 @@ def setup(cfg: TrainConfig) -> Run:
     set_seed(cfg.seed)
     if accelerator.device.type == "cpu":
         torch.set_num_threads(cpu_threads(cfg, int(os.environ.get("LOCAL_WORLD_SIZE", accelerator.num_processes))))
+    configure_backends(accelerator.device)
     model, optimizer = accelerator.prepare(*build_model(cfg, len(vocab), accelerator.device, accelerator.num_processes))
 
     workers = max(0, cfg.workers)
@@ -234,8 +239,9 @@ def train_step(run: Run, batch: dict[str, Any], batch_index: int) -> tuple[torch
 
 def add_to_window(w: Window, loss: torch.Tensor, correct: torch.Tensor, n_pairs: int, n_images: int,
                   wait: float, seconds: float) -> None:
-    w.loss += loss.item()
-    w.correct += float(correct)
+    """Accumulate one step; device tensors are added on the device, nothing is read back here."""
+    w.loss = w.loss + loss.detach()
+    w.correct = w.correct + correct.detach()
     w.pairs += n_pairs
     w.images += n_images
     w.wait += wait
@@ -245,8 +251,9 @@ def add_to_window(w: Window, loss: torch.Tensor, correct: torch.Tensor, n_pairs:
 
 def log_window(run: Run, w: Window, batch_index: int, progress: Any) -> None:
     n = run.accelerator.num_processes
-    row = {"step": run.step, "epoch": round(batch_index / run.batches_per_epoch, 3), "loss": w.loss / w.batches,
-           "lr": lr_at(run.step - 1, run.cfg, run.total), "train_acc": w.correct / max(1, w.pairs),
+    loss, correct = float(w.loss), float(w.correct)  # the window's one host sync
+    row = {"step": run.step, "epoch": round(batch_index / run.batches_per_epoch, 3), "loss": loss / w.batches,
+           "lr": lr_at(run.step - 1, run.cfg, run.total), "train_acc": correct / max(1, w.pairs),
            "images_per_s": n * w.images / w.time, "pairs_per_s": n * w.pairs / w.time,
            "data_wait": w.wait / w.time, "bad_samples": sum(w.bad_samples.values())}
     record(run, row)

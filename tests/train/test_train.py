@@ -125,6 +125,7 @@ def test_sigterm_finishes_the_step_writes_a_checkpoint_and_exits_zero(tiny_shard
     assert len(found) == 1
     state = checkpoint.verify(found[0])
     assert 0 < state["step"] < 100000
+    assert state["step"] % 2 == 0  # the ranks agree on stopping at log steps (--log-every 2) only
 
 
 def test_resume_auto_ignores_incomplete_and_corrupt_checkpoints(tiny_shards, tmp_path, caplog):
@@ -190,3 +191,53 @@ def test_cpu_threads_come_from_the_flag_then_omp_num_threads_then_the_cores_per_
     monkeypatch.delenv("OMP_NUM_THREADS")
     assert _cpu_threads(TrainConfig(workers=2), 1) == cpus
     assert _cpu_threads(TrainConfig(), 2) == max(1, cpus // 2)
+
+
+def test_cudnn_autotuning_is_set_for_cuda_devices_only():
+    """Training shapes are fixed, so cuDNN's algorithm search pays back; setting the flag needs no GPU."""
+    from itsim.train.runtime import configure_backends
+
+    before = torch.backends.cudnn.benchmark
+    try:
+        torch.backends.cudnn.benchmark = False
+        configure_backends(torch.device("cpu"))
+        assert torch.backends.cudnn.benchmark is False
+        configure_backends(torch.device("cuda", 0))
+        assert torch.backends.cudnn.benchmark is True
+    finally:
+        torch.backends.cudnn.benchmark = before
+
+
+def _tiny_cfg(tiny_shards, out: Path, **kw):
+    from itsim.train import TrainConfig
+
+    args = dict(shards=str(tiny_shards), out=str(out), steps=12, batch_size=16, workers=1, eval_every=0,
+                log_every=1000, warmup_steps=2, tensorboard=False, channels=(8, 16), embed_dim=16, lstm_hidden=16,
+                lstm_layers=2, text_dim=32, image_dim=32, head_dim=16, augment="crop,flip")
+    args.update(kw)
+    return TrainConfig(**args)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("pairs,negatives,extra", [
+    ("balanced", "random", {}), ("in-batch", "hard", {}), ("in-batch", "random", {"channels_last": True}),
+    ("in-batch", "hard", {"data_on_device": True})])
+def test_training_steps_never_wait_for_the_gpu(tiny_shards, tmp_path, pairs, negatives, extra):
+    """Between log steps a training step issues no host-GPU synchronisation: lengths stay on the host,
+    loss and accuracy stay on the device, the stop flag is read at log steps only. Two warm-up steps
+    (cuDNN autotuning, allocator growth), then three steps with torch's sync debug mode set to error."""
+    from itsim.train.loop import Window, add_to_window, setup, train_step
+
+    run = setup(_tiny_cfg(tiny_shards, tmp_path / "run", pairs=pairs, negatives=negatives, **extra))
+    run.model.train()
+    batches, window = iter(run.loader), Window()
+    for i in range(2):
+        add_to_window(window, *train_step(run, next(batches), i), 16, 0.0, 1.0)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for i in range(2, 5):
+            add_to_window(window, *train_step(run, next(batches), i), 16, 0.0, 1.0)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert math.isfinite(float(window.loss)) and float(window.correct) > 0
