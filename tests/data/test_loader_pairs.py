@@ -60,9 +60,32 @@ def test_fewer_shards_than_ranks_times_workers_resamples_instead_of_hanging(tiny
     assert len(batches) == 4 and all(len(b) == 16 for b in batches)
 
 
-def test_batches_per_epoch_covers_the_images_and_divides_by_workers():
-    assert batches_per_epoch(1000, 64, 2, 3) % 3 == 0
-    assert batches_per_epoch(1000, 64, 2, 3) * 64 * 2 >= 1000
+@pytest.mark.parametrize("images,batch,ranks,workers", [
+    (6000, 256, 8, 8), (7316, 256, 8, 8), (7316, 256, 1, 8), (1000, 64, 2, 3), (29000, 128, 16, 12), (100, 256, 1, 4),
+    (240, 16, 1, 2)])
+def test_an_epoch_is_one_pass_within_one_batch_per_rank(images, batch, ranks, workers):
+    """Not rounded up to the workers: 6,000 images on 8 GPUs x 8 workers was 8 batches per rank (2.7 passes)."""
+    bpe = batches_per_epoch(images, batch, ranks, workers)
+    seen = bpe * batch * ranks
+    assert images <= seen < images + batch * ranks or (bpe == 1 and images < batch * ranks)
+    assert seen / images < 1 + batch * ranks / images
+
+
+def test_workers_own_every_batch_index_exactly_once_across_epochs():
+    from itsim.data.loader import owned_batches
+
+    for per_epoch, workers in [(5, 2), (3, 8), (7, 3), (8, 8)]:
+        made = sorted(g for e in range(6) for w in range(workers) for g in owned_batches(e, w, workers, per_epoch))
+        assert made == list(range(6 * per_epoch)), (per_epoch, workers)
+
+
+@pytest.mark.parametrize("per_epoch,workers", [(5, 2), (4, 3)])
+def test_resume_with_epochs_not_a_multiple_of_the_workers_continues_the_same_stream(tiny_shards, per_epoch, workers):
+    full = _keys(make_loader(_spec(tiny_shards, batches_per_epoch=per_epoch), workers=workers), 2 * per_epoch + 2)
+    for start in (1, per_epoch + 1):
+        resumed = _keys(make_loader(_spec(tiny_shards, batches_per_epoch=per_epoch, start_batch=start),
+                                    workers=workers), 2 * per_epoch + 2 - start)
+        assert resumed == full[start:], f"resume at batch {start} diverged"
 
 
 def _own_captions(batch, i):
