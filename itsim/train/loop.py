@@ -205,7 +205,7 @@ def build_model(cfg: TrainConfig, vocab_size: int, device: torch.device,
 
 def resume(cfg: TrainConfig, accelerator: Any, out: Path, workers: int, total: int) -> int:
     """Load the checkpoint `--resume` names (or the newest intact one); the step to continue from."""
-    found = checkpoint.find_resume(out / "checkpoints", cfg.resume) if cfg.resume else None
+    found = checkpoint.choose_resume(accelerator, out / "checkpoints", cfg.resume)  # the main process decides
     step = 0
     if found:
         path, state = found

@@ -173,6 +173,65 @@ def test_two_processes_train_in_sync_on_disjoint_data_with_one_checkpoint_writer
     assert not list((run / "checkpoints").glob(".tmp-*"))
 
 
+CHOOSER = """
+import json, sys
+from pathlib import Path
+import torch
+from accelerate import Accelerator
+from itsim.errors import UserError
+from itsim.train.checkpoint import choose_resume
+
+base = Path(sys.argv[1])
+acc = Accelerator()
+rank = acc.process_index
+out = {}
+# Each rank lists its own folder: rank 1 sees a newer checkpoint than rank 0 (as NFS attribute caching can make it).
+found = choose_resume(acc, base / f"view{rank}", "auto")
+out["auto"] = [str(found[0]), found[1]["step"]]
+try:  # a bad --resume path on the main process reaches every rank as the same error, nobody hangs
+    choose_resume(acc, base / f"view{rank}", str(base / "missing" if rank == 0 else base / "view1" / "step_0000006"))
+    out["error"] = None
+except UserError as exc:
+    out["error"] = str(exc)
+(base / f"rank{rank}.json").write_text(json.dumps(out))
+acc.wait_for_everyone()
+torch.distributed.destroy_process_group()  # else gloo's threads can abort the exit ("terminate called ...")
+"""
+
+
+def _fake_checkpoint(folder: Path, step: int) -> None:
+    """A complete checkpoint folder as `verify` checks it: one file and its recorded checksum."""
+    from itsim.io import sha256_file
+
+    path = folder / checkpoint.checkpoint_name(step)
+    path.mkdir(parents=True)
+    (path / "model.safetensors").write_bytes(b"weights %d" % step)
+    (path / checkpoint.STATE_FILE).write_text(json.dumps(
+        {"step": step, "files": {"model.safetensors": sha256_file(path / "model.safetensors")}}))
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_resume_choice_is_made_by_rank_0_and_broadcast_when_ranks_see_different_checkpoints(tmp_path):
+    for step in (2, 4):
+        _fake_checkpoint(tmp_path / "view0", step)
+    for step in (2, 4, 6):
+        _fake_checkpoint(tmp_path / "view1", step)
+    script = tmp_path / "choose.py"
+    script.write_text(CHOOSER)
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "29533",
+           str(script), str(tmp_path)]
+    done = subprocess.run(cmd, env={**ENV, "ACCELERATE_USE_CPU": "1", "HF_HOME": str(tmp_path / "hf")},
+                          capture_output=True, text=True, timeout=240)
+    assert done.returncode == 0, done.stderr[-3000:]
+    results = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    for r in results:
+        assert r["auto"] == [str(tmp_path / "view0" / "step_0000004"), 4]  # rank 0's choice on both ranks
+        assert r["error"] and "no such checkpoint folder" in r["error"]
+    assert results[0]["error"] == results[1]["error"]
+
+
 def test_world_size_without_distributed_launch_is_refused(tiny_shards, tmp_path):
     done = subprocess.run(_train_cmd(tiny_shards, tmp_path / "run", "--steps", "2"),
                           env={**ENV, "WORLD_SIZE": "2"}, capture_output=True, text=True, timeout=120)
