@@ -27,7 +27,9 @@ import hashlib
 import io
 import json
 import logging
+import os
 import random
+import shutil
 from dataclasses import dataclass
 from itertools import islice
 from pathlib import Path
@@ -279,6 +281,50 @@ def _ignore_stop_signals(worker_id: int) -> None:
 
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+SHM = "/dev/shm"
+
+
+def batch_nbytes(batch_size: int, image_size: int, captions_per_image: int, max_len: int) -> int:
+    """Bytes of one collated batch: uint8 images plus token ids and lengths (int32)."""
+    return batch_size * (image_size * image_size * 3 + captions_per_image * (max_len + 1) * 4 + 16)
+
+
+def shm_free(path: str = SHM) -> int | None:
+    """Free bytes of the shared-memory filesystem DataLoader workers pass batches through; None without one."""
+    return shutil.disk_usage(path).free if os.path.isdir(path) else None
+
+
+def plan_prefetch(batch_bytes: int, workers: int, local_ranks: int, free: int | None, wanted: int = 4) -> int:
+    """The DataLoader prefetch factor whose batches fit this rank's share of /dev/shm.
+
+    Each worker's finished batches wait in shared memory: `workers x prefetch` per rank, plus the one
+    the main process holds and the one being pinned. At 299 px a batch of 256 is 69 MB, so 8 ranks x
+    8-12 workers x prefetch 4 want 17-26 GB, while containers get 64 MB by default and workers then
+    die with a bus error mid-run. Lowers the factor (with a warning) to fit, or raises a UserError
+    naming the `--shm-size` the job needs. Every local rank gets an equal share of what is free now.
+    """
+    if workers <= 0 or free is None:
+        return wanted
+    share = free * 0.9 / max(1, local_ranks)  # a margin for the allocator and other users
+
+    def need(prefetch: int) -> int:
+        return (workers * prefetch + 2) * batch_bytes
+
+    fits = [p for p in range(wanted, 0, -1) if need(p) <= share]
+    if not fits:
+        full = local_ranks * need(wanted) / 0.9
+        raise UserError(
+            f"{SHM} has {free / 1e9:.2f} GB free; {local_ranks} rank(s) x {workers} loader workers with batches of "
+            f"{batch_bytes / 1e6:.1f} MB need {local_ranks * need(1) / 0.9 / 1e9:.2f} GB even at prefetch 1 "
+            f"({full / 1e9:.1f} GB at {wanted}): run the container with --shm-size={int(-(-full // 1e9))}g or "
+            "--ipc=host, or lower --workers / --batch-size, or use --data-on-device")
+    if fits[0] < wanted:
+        log.warning("loader prefetch lowered from %d to %d batches per worker: %s has %.2f GB free for %d rank(s) "
+                    "(batches of %.1f MB); give the job more shared memory (--shm-size, --ipc=host) for the full "
+                    "prefetch", wanted, fits[0], SHM, free / 1e9, local_ranks, batch_bytes / 1e6)
+    return fits[0]
 
 
 def make_loader(spec: StreamSpec, workers: int = 2, pin_memory: bool = False, prefetch: int = 4) -> DataLoader:

@@ -22,7 +22,8 @@ from accelerate.utils import set_seed
 from tqdm.auto import tqdm
 
 from itsim import config
-from itsim.data.loader import StreamSpec, batches_per_epoch, make_loader, read_manifest, split_shards
+from itsim.data.loader import (StreamSpec, batch_nbytes, batches_per_epoch, make_loader, plan_prefetch, read_manifest,
+                               shm_free, split_shards)
 from itsim.data.pairs import step_generator
 from itsim.errors import UserError
 from itsim.model import ItsimModel, Preprocess, count_parameters, images_to_float, save_model
@@ -171,7 +172,8 @@ def setup(cfg: TrainConfig) -> Run:
     if len(train_shards) < accelerator.num_processes * max(1, workers):
         log.warning("%d train shards for %d ranks x %d workers: sampling shards with replacement",
                     len(train_shards), accelerator.num_processes, max(1, workers))
-    loader = make_loader(spec, workers=workers, pin_memory=accelerator.device.type == "cuda")
+    loader = make_loader(spec, workers=workers, pin_memory=accelerator.device.type == "cuda",
+                         prefetch=loader_prefetch(manifest, cfg, pre, workers, accelerator.num_processes))
 
     val = None
     if accelerator.is_main_process and manifest.get("splits", {}).get(cfg.val_split, {}).get("shards"):
@@ -185,6 +187,16 @@ def setup(cfg: TrainConfig) -> Run:
     log.info("model: %s parameters; %d train images, %d batches/epoch/rank, %d steps", f"{count_parameters(model):,}",
              n_train, bpe, total)
     return run
+
+
+def loader_prefetch(manifest: dict[str, Any], cfg: TrainConfig, pre: Preprocess, workers: int,
+                    num_processes: int) -> int:
+    """Prefetch factor that fits this machine's /dev/shm (see `plan_prefetch`)."""
+    train = manifest.get("splits", {}).get("train", {})
+    captions = max(5, math.ceil(train.get("captions", 0) / max(1, train.get("images", 1))))
+    local_ranks = int(os.environ.get("LOCAL_WORLD_SIZE", num_processes))
+    return plan_prefetch(batch_nbytes(cfg.batch_size, pre.image_size, captions, pre.max_len), workers, local_ranks,
+                         shm_free())
 
 
 def build_model(cfg: TrainConfig, vocab_size: int, device: torch.device,

@@ -227,3 +227,25 @@ def test_read_split_returns_every_val_image(tiny_shards):
     manifest = json.loads((tiny_shards / "manifest.json").read_text())
     samples = read_split(tiny_shards, "val")
     assert len(samples) == manifest["splits"]["val"]["images"]
+
+
+def test_loader_prefetch_fits_the_shared_memory_or_names_the_shm_size_needed(caplog):
+    from itsim.data.loader import SHM, batch_nbytes, plan_prefetch, shm_free
+    from itsim.errors import UserError
+
+    batch = batch_nbytes(256, 299, 5, 100)
+    assert 68e6 < batch < 70e6  # the "69 MB uint8 batch", plus its token ids
+    gb = 10**9
+    # 8 ranks x 12 workers in a container's default 64 MB: refused before any worker starts, with the fix
+    with pytest.raises(UserError, match=r"--shm-size=\d+g or --ipc=host"):
+        plan_prefetch(batch, 12, 8, 64 * 2**20)
+    assert plan_prefetch(batch, 12, 8, 1000 * gb) == 4  # --ipc=host on a big node: the full prefetch
+    assert plan_prefetch(batch, 8, 8, 21 * gb) == 4  # (8 x 4 + 2) x 69 MB x 8 ranks = 18.8 GB fits 21 x 0.9
+    assert plan_prefetch(batch, 8, 8, 20 * gb) == 3  # ... but not 20 x 0.9
+    with caplog.at_level("WARNING"):
+        assert plan_prefetch(batch, 8, 8, 12 * gb) == 2  # lowered, with a warning
+    assert "prefetch lowered from 4 to 2" in caplog.text
+    assert plan_prefetch(batch, 0, 8, 0) == 4  # no workers: batches never cross shared memory
+    assert plan_prefetch(batch, 8, 8, None) == 4  # no /dev/shm on this system: nothing to size
+    free = shm_free()
+    assert free is None or (free > 0 and SHM == "/dev/shm")
