@@ -39,6 +39,8 @@ class DemoConfig:
     lr: float = 2e-3
     workers: int = field(default=0, metadata={"help": "processes for synth/shards; 0 = all CPUs"})
     loader_workers: int = field(default=1, metadata={"help": "DataLoader workers while training"})
+    data_on_device: bool = field(default=False, metadata={
+        "help": "train from the split decoded once into memory (itsim train --data-on-device) instead of streaming"})
     min_accuracy: float = field(default=0.90, metadata={"help": "fail when val balanced accuracy is lower"})
 
 
@@ -78,7 +80,7 @@ def run(cfg: DemoConfig) -> dict[str, Any]:
         checkpoint_every=max(1, cfg.steps // 2), eval_every=max(1, cfg.steps // 4), workers=cfg.loader_workers,
         resume="auto", seed=cfg.seed, channels=(32, 64, 96, 128), embed_dim=64, lstm_hidden=64, text_dim=128,
         image_dim=256, head_dim=128, lstm_layers=2, cnn_dropout=0.1, lstm_dropout=0.1, head_dropout=0.1,
-        fusion=cfg.fusion, tensorboard=False)
+        fusion=cfg.fusion, tensorboard=False, data_on_device=cfg.data_on_device)
     train(train_cfg)
     timings["train_s"] = time.perf_counter() - t
 

@@ -2,7 +2,8 @@
 
 Run it as `itsim train ...` on one process, or `accelerate launch -m itsim.train ...` on many
 processes and machines. Accelerate handles devices, DDP, mixed precision and gradient accumulation;
-the data pipeline is built per rank (see data/loader.py) and never passed through `prepare()`.
+the data pipeline is built per rank (see data/loader.py, or data/resident.py with --data-on-device)
+and never passed through `prepare()`.
 `train()` reads top to bottom; each phase (setup, step, logging, validation, checkpoint, export) is a
 named function below it.
 """
@@ -25,6 +26,7 @@ from itsim import config
 from itsim.data.loader import (StreamSpec, batch_nbytes, batches_per_epoch, make_loader, plan_prefetch, read_manifest,
                                shm_free, split_shards)
 from itsim.data.pairs import step_generator
+from itsim.data.resident import ResidentBatches, ResidentSplit, check_fits, load_split, memory_budget
 from itsim.errors import UserError
 from itsim.model import ItsimModel, Preprocess, count_parameters, images_to_float, save_model
 from itsim.text import Vocab
@@ -162,18 +164,16 @@ def setup(cfg: TrainConfig) -> Run:
     model, optimizer = accelerator.prepare(*build_model(cfg, len(vocab), accelerator.device, accelerator.num_processes))
 
     workers = max(0, cfg.workers)
-    bpe = batches_per_epoch(n_train, cfg.batch_size, accelerator.num_processes, workers)
+    resident = load_resident(cfg, accelerator.device, pre, n_train) if cfg.data_on_device else None
+    n_train = len(resident) if resident is not None else n_train
+    bpe = batches_per_epoch(n_train, cfg.batch_size, accelerator.num_processes)
     total = cfg.steps or max(1, math.ceil(cfg.epochs * bpe / cfg.grad_accum))
     step = resume(cfg, accelerator, out, workers, total)
-
-    spec = StreamSpec(shards=train_shards, batch_size=cfg.batch_size, batches_per_epoch=bpe, seed=cfg.seed,
-                      rank=accelerator.process_index, world_size=accelerator.num_processes,
-                      shuffle_buffer=cfg.shuffle_buffer, start_batch=step * cfg.grad_accum)
-    if len(train_shards) < accelerator.num_processes * max(1, workers):
-        log.warning("%d train shards for %d ranks x %d workers: sampling shards with replacement",
-                    len(train_shards), accelerator.num_processes, max(1, workers))
-    loader = make_loader(spec, workers=workers, pin_memory=accelerator.device.type == "cuda",
-                         prefetch=loader_prefetch(manifest, cfg, pre, workers, accelerator.num_processes))
+    if resident is not None:
+        loader: Any = ResidentBatches(resident, cfg.batch_size, bpe, cfg.seed, accelerator.process_index,
+                                      accelerator.num_processes, start_batch=step * cfg.grad_accum)
+    else:
+        loader = stream_loader(cfg, accelerator, manifest, pre, train_shards, bpe, step * cfg.grad_accum)
 
     val = None
     if accelerator.is_main_process and manifest.get("splits", {}).get(cfg.val_split, {}).get("shards"):
@@ -187,6 +187,32 @@ def setup(cfg: TrainConfig) -> Run:
     log.info("model: %s parameters; %d train images, %d batches/epoch/rank, %d steps", f"{count_parameters(model):,}",
              n_train, bpe, total)
     return run
+
+
+def load_resident(cfg: TrainConfig, device: torch.device, pre: Preprocess, n_train: int) -> ResidentSplit:
+    """--data-on-device: the train split decoded once onto the device, or a UserError when it would not fit."""
+    local_ranks = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    budget, source = memory_budget(device, cfg.device_memory_gb, local_ranks)
+    need = check_fits(n_train, pre.image_size, budget, source)
+    start = time.perf_counter()
+    data = load_split(cfg.shards, "train", n_train, pre.image_size, device, threads=max(1, cfg.workers))
+    log.info("--data-on-device: %d train images decoded into %.2f GB on %s in %.1f s (budget %.2f GB: %s)",
+             len(data), need / 1e9, device, time.perf_counter() - start, budget / 1e9, source)
+    return data
+
+
+def stream_loader(cfg: TrainConfig, accelerator: Any, manifest: dict[str, Any], pre: Preprocess,
+                  train_shards: list[str], bpe: int, start_batch: int) -> Any:
+    """The default data path: this rank's WebDataset stream (data/loader.py)."""
+    workers = max(0, cfg.workers)
+    spec = StreamSpec(shards=train_shards, batch_size=cfg.batch_size, batches_per_epoch=bpe, seed=cfg.seed,
+                      rank=accelerator.process_index, world_size=accelerator.num_processes,
+                      shuffle_buffer=cfg.shuffle_buffer, start_batch=start_batch)
+    if len(train_shards) < accelerator.num_processes * max(1, workers):
+        log.warning("%d train shards for %d ranks x %d workers: sampling shards with replacement",
+                    len(train_shards), accelerator.num_processes, max(1, workers))
+    return make_loader(spec, workers=workers, pin_memory=accelerator.device.type == "cuda",
+                       prefetch=loader_prefetch(manifest, cfg, pre, workers, accelerator.num_processes))
 
 
 def loader_prefetch(manifest: dict[str, Any], cfg: TrainConfig, pre: Preprocess, workers: int,
@@ -223,8 +249,11 @@ def resume(cfg: TrainConfig, accelerator: Any, out: Path, workers: int, total: i
         path, state = found
         accelerator.load_state(str(path))
         step = int(state["step"])
-        if state.get("workers") != workers or state.get("world_size") != accelerator.num_processes:
-            log.warning("resuming with a different worker/process count: the data order will differ")
+        same_data = (state.get("world_size") == accelerator.num_processes
+                     and bool(state.get("data_on_device")) == cfg.data_on_device
+                     and (cfg.data_on_device or state.get("workers") == workers))
+        if not same_data:
+            log.warning("resuming with a different worker/process count or data path: the data order will differ")
         log.info("resumed from %s (step %d)", path, step)
     if step >= total:
         log.info("already at step %d of %d", step, total)
@@ -294,6 +323,7 @@ def save_checkpoint(run: Run) -> None:
         "epoch": run.step * run.cfg.grad_accum // run.batches_per_epoch,
         "batches_consumed": run.step * run.cfg.grad_accum, "workers": run.workers,
         "world_size": run.accelerator.num_processes, "seed": run.cfg.seed, "total_steps": run.total,
+        "data_on_device": run.cfg.data_on_device,
     }, keep=run.cfg.keep)
 
 

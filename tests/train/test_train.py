@@ -93,8 +93,9 @@ def _wait_for(path: Path, proc: subprocess.Popen, timeout: float = 120) -> None:
 
 
 @pytest.mark.slow
-def test_resume_after_sigkill_ends_with_the_same_parameters(tiny_shards, tmp_path):
-    steps = ["--steps", "12", "--checkpoint-every", "3"]
+@pytest.mark.parametrize("data", ["streaming", "on-device"])
+def test_resume_after_sigkill_ends_with_the_same_parameters(tiny_shards, tmp_path, data):
+    steps = ["--steps", "12", "--checkpoint-every", "3", *(["--data-on-device"] if data == "on-device" else [])]
     subprocess.run(_train_cmd(tiny_shards, tmp_path / "a", *steps), check=True, env=ENV, capture_output=True)
 
     proc = subprocess.Popen(_train_cmd(tiny_shards, tmp_path / "b", *steps), env=ENV, stdout=subprocess.PIPE,
@@ -230,6 +231,13 @@ def test_resume_choice_is_made_by_rank_0_and_broadcast_when_ranks_see_different_
         assert r["auto"] == [str(tmp_path / "view0" / "step_0000004"), 4]  # rank 0's choice on both ranks
         assert r["error"] and "no such checkpoint folder" in r["error"]
     assert results[0]["error"] == results[1]["error"]
+
+
+def test_data_on_device_is_refused_when_the_split_exceeds_the_budget(tiny_shards, tmp_path):
+    done = subprocess.run(_train_cmd(tiny_shards, tmp_path / "run", "--steps", "2", "--data-on-device",
+                                     "--device-memory-gb", "0.0001"), env=ENV, capture_output=True, text=True)
+    assert done.returncode == 2 and "Traceback" not in done.stderr
+    assert "--data-on-device: the train split needs" in done.stderr and "--device-memory-gb 0.0001" in done.stderr
 
 
 def test_world_size_without_distributed_launch_is_refused(tiny_shards, tmp_path):
