@@ -7,6 +7,7 @@ autocast) wherever it is evaluated.
 from __future__ import annotations
 
 import contextlib
+import warnings
 from typing import TYPE_CHECKING, Any, Iterator
 
 import numpy as np
@@ -31,6 +32,22 @@ def to_device(array: "np.ndarray | torch.Tensor", device: torch.device) -> torch
     if device.type == "cuda":
         return tensor.pin_memory().to(device, non_blocking=True)
     return tensor.to(device)
+
+
+def rows_to_device(array: "np.ndarray | torch.Tensor", rows: "np.ndarray | torch.Tensor",
+                   device: torch.device) -> torch.Tensor:
+    """`array[rows]` on `device` with one host copy: on CUDA the rows are gathered straight into pinned
+    memory (torch's index_select, spread over the torch threads) and copied without blocking. A 299 px
+    row is 268 KB, and numpy's gather, `pin_memory()` and the transfer were three copies of it."""
+    if isinstance(array, np.ndarray):
+        with warnings.catch_warnings():  # read-only arrays straight from Arrow blocks: only read here
+            warnings.simplefilter("ignore", UserWarning)
+            array = torch.from_numpy(array)
+    index = torch.as_tensor(rows, dtype=torch.int64)
+    if device.type != "cuda":
+        return array.index_select(0, index).to(device)
+    out = torch.empty((index.numel(), *array.shape[1:]), dtype=array.dtype, pin_memory=True)
+    return torch.index_select(array, 0, index, out=out).to(device, non_blocking=True)
 
 
 @torch.inference_mode()

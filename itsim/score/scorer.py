@@ -26,7 +26,7 @@ from PIL import Image
 
 from itsim.images import DEFAULT_MAX_PIXELS, ImageError, load_image, safe_path, to_array
 from itsim.model import ItsimModel, Preprocess, encode_captions, encode_images, load_model, resolve_device
-from itsim.model.encode import autocast, to_device
+from itsim.model.encode import autocast, rows_to_device, to_device
 from itsim.text import Vocab, normalize
 
 log = logging.getLogger(__name__)
@@ -265,8 +265,8 @@ class Scorer:
                 rows = ok[s]
                 image_rows, image_index = _distinct_images(rows, prep.image_keys)
                 with autocast(self.device):
-                    image_vec = self.model.encode_image(to_device(prep.pixels[image_rows], self.device))
-                    text_vec = self.model.encode_text(to_device(prep.ids[rows], self.device), prep.lengths[rows])
+                    image_vec = self.model.encode_image(rows_to_device(prep.pixels, image_rows, self.device))
+                    text_vec = self.model.encode_text(rows_to_device(prep.ids, rows, self.device), prep.lengths[rows])
                 if image_index is not None:
                     image_vec = image_vec[to_device(image_index, self.device)]
                 scores[rows] = torch.sigmoid(self.model.head(image_vec, text_vec)).cpu().numpy()

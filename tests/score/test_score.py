@@ -260,6 +260,42 @@ def test_plan_resources_leaves_cpu_for_reads_and_uses_gpus():
         plan_resources(ScoreConfig(gpus_per_worker=1), {"CPU": 4})
 
 
+def test_actor_inputs_are_read_from_arrow_without_copying_and_gathered_once():
+    """A GPU actor's pixels: the Arrow block viewed in place (combine_chunks copied the whole column), then one
+    gather of the rows it encodes (straight into pinned memory on CUDA)."""
+    import pyarrow as pa
+    from ray.data.extensions import ArrowTensorArray
+
+    from itsim.model.encode import rows_to_device
+    from itsim.score.columns import tensor_column
+
+    pixels = np.random.default_rng(0).integers(0, 256, (6, 4, 4, 3), dtype=np.uint8)
+    table = pa.table({"px": ArrowTensorArray.from_numpy(pixels)})
+    view = tensor_column(table, "px")
+    assert np.array_equal(view, pixels) and np.shares_memory(view, table.column("px").chunk(0).to_numpy())
+    two = pa.concat_tables([table.slice(0, 2), table.slice(2)])
+    assert two.column("px").num_chunks == 2 and np.array_equal(tensor_column(two, "px"), pixels)
+    rows = np.array([4, 0, 4])
+    assert torch.equal(rows_to_device(view, rows, torch.device("cpu")), torch.from_numpy(pixels[rows]))
+    if torch.cuda.is_available():
+        assert torch.equal(rows_to_device(view, rows, torch.device("cuda")).cpu(), torch.from_numpy(pixels[rows]))
+
+
+@pytest.mark.parametrize("cluster,actor_cpus", [({"CPU": 16, "GPU": 1}, 2.0), ({"CPU": 64, "GPU": 8}, 1.0),
+                                                 ({"CPU": 192, "GPU": 8}, 2.0), ({"CPU": 512, "GPU": 4}, 4.0),
+                                                 ({"CPU": 2, "GPU": 1}, 1.0), ({"CPU": 1, "GPU": 1}, 0.25)])
+def test_gpu_actors_get_a_tenth_of_their_gpus_cpu_share_and_the_rest_preprocesses(cluster, actor_cpus):
+    """One actor per GPU, about a tenth of the GPU's share of the CPUs (1 to 4) and as many torch threads for
+    its gather into pinned memory; the rest is left to the CPU preprocessing tasks and the reads."""
+    res = plan_resources(ScoreConfig(), cluster)
+    assert (res.workers, res.gpus_per_worker, res.cpus_per_worker) == (cluster["GPU"], 1.0, actor_cpus)
+    assert res.threads == max(1, int(actor_cpus))
+    left = cluster["CPU"] - res.workers * res.cpus_per_worker
+    assert left >= 0.5 and res.read_cpus == min(0.25, left / 2) and 0 < res.prep_cpus <= 1.0
+    if cluster["CPU"] >= 16:
+        assert left >= 0.85 * cluster["CPU"]  # most CPUs decode and resize for the GPUs
+
+
 @pytest.mark.timeout(300)
 def test_ray_csv_two_workers_every_row_once_and_equal_to_in_process(data, ray_local, tmp_path):
     """Real CSV read + 2 model actors on a 2-CPU Ray: finishes (no deadlock) and matches `Scorer`."""
