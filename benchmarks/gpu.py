@@ -10,8 +10,9 @@ batches gathered there; `--resident-images` tiles the decoded images up to a dat
 Flickr30k at 299 px is 31,783 images, about 8.5 GB) or `loader` (the project's shard loader with
 `--loader-workers` processes, pinned memory), `cl` (channels_last) and `compile` (`torch.compile` of
 the image encoder and head, as `itsim train --compile`). The step is the trainer's: `images_to_float`,
-`itsim.train.objective.step_loss` (the trainer's own step), AdamW, clipping, and a
-`loss.item()` per step as the trainer logs it.
+`itsim.train.objective.step_loss` (the trainer's own step), AdamW, clipping; like the trainer it reads
+nothing back from the GPU inside a step. `gpu_check.py` is the acceptance run (the trainer itself,
+streaming and `--data-on-device`, resume, scoring); this script compares raw step variants.
 
 `--device cpu --tiny` runs the whole script at a tiny size on a CPU (a test; numbers mean nothing).
 """
@@ -118,7 +119,6 @@ def train_step(model: Any, optimizer: Any, batch: dict, cfg: Any, step: int, set
     torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
-    loss.item()  # the trainer logs the loss every step: one sync per step, as there
     return images.shape[0], int(n_pairs)
 
 

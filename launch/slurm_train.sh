@@ -27,6 +27,9 @@
 # chain jobs with `sbatch --dependency=afterany:JOBID launch/slurm_train.sh`.
 # --kill-on-bad-exit: when one node's launcher fails, SLURM ends the others at once instead of
 # leaving them to time out in a collective (--dist-timeout is the backstop).
+# --cpus-per-task is passed to srun explicitly: since Slurm 22.05 srun no longer inherits sbatch's
+# --cpus-per-task, and the task (the launcher, its 8 training processes and their DataLoader workers)
+# would otherwise be confined to one CPU.
 set -euo pipefail
 
 : "${RUN:?set RUN to the run folder (on the shared filesystem)}"
@@ -41,13 +44,14 @@ GPUS_PER_NODE=${GPUS_PER_NODE:-${SLURM_GPUS_ON_NODE:-8}}
 MASTER_ADDR=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)
 MASTER_PORT=${MASTER_PORT:-$((20000 + SLURM_JOB_ID % 20000))}
 DIST_TIMEOUT=${DIST_TIMEOUT:-600}
+CPUS_PER_TASK=${SLURM_CPUS_PER_TASK:?sbatch --cpus-per-task is not set: every node needs its CPUs for the loaders}
 export RUN SHARDS CONFIG ACCELERATE_CONFIG PYTHON NNODES GPUS_PER_NODE MASTER_ADDR MASTER_PORT DIST_TIMEOUT
 
 echo "itsim: $NNODES nodes x $GPUS_PER_NODE GPUs, main process at $MASTER_ADDR:$MASTER_PORT, run $RUN" >&2
 
 # The single quotes are intended: SLURM_NODEID differs per node and must expand inside each task.
 # shellcheck disable=SC2016
-srun --nodes="$NNODES" --ntasks-per-node=1 --kill-on-bad-exit=1 bash -c '
+srun --nodes="$NNODES" --ntasks-per-node=1 --cpus-per-task="$CPUS_PER_TASK" --kill-on-bad-exit=1 bash -c '
   exec "$PYTHON" -m accelerate.commands.launch --config_file "$ACCELERATE_CONFIG" \
     --num_machines "$NNODES" --num_processes "$((NNODES * GPUS_PER_NODE))" \
     --machine_rank "$SLURM_NODEID" --main_process_ip "$MASTER_ADDR" --main_process_port "$MASTER_PORT" \

@@ -201,3 +201,57 @@ def test_the_bare_training_loop_does_exactly_itsims_step_work(tiny_shards):
         twin_opt.step()
         for (name, a), b in zip(model.named_parameters(), twin.parameters()):
             assert torch.allclose(a, b, atol=1e-6), name
+
+
+GPU_CHECK_FIELDS = {
+    "device": {"name": str, "type": str, "dtype": str, "matmul_peak_flops": float, "torch": str},
+    "config": {"mode": str, "image_size": int, "batch_size": int, "steps": int, "images": int, "loader_workers": int,
+               "load_1m": float},
+    "lstm": {"autocast": str, "captions": int, "param_dtypes": list, "activation_dtypes": list, "grad_dtypes": list,
+             "all_fp32": bool},
+    "sync": {"checked": bool, "ok": (bool, type(None)), "error": (str, type(None))},
+    "resume": {"steps": int, "killed_after_checkpoint": int, "killed_before_end": bool, "resumed": bool,
+               "max_abs_diff": float, "max_abs_value": float, "tolerance": float, "within_tolerance": bool},
+    "scoring": {"pairs": int, "k": int, "device": str, "topk_agreement": float, "max_abs_diff": float,
+                "pair_scores_max_abs_diff": float},
+    "ray": {"rows": int, "scored": int, "rows_per_s": float, "job_seconds": float, "workers": int,
+            "gpus_per_worker": float, "cpus_per_worker": float},
+    "checks": {"lstm_fp32": bool, "loss_decreased": bool, "resume_within_tolerance": bool,
+               "no_host_sync": (bool, type(None))},
+}
+TRAIN_FIELDS = {"steps": int, "images_per_s": float, "mfu": float, "data_wait": float, "loss_first": float,
+                "loss_last": float, "loss_decreased": bool}
+
+
+@pytest.mark.timeout(900)
+def test_gpu_check_runs_on_cpu_at_tiny_size_and_writes_every_field(tmp_path):
+    out = tmp_path / "check.json"
+    cmd = [sys.executable, str(BENCH / "gpu_check.py"), "--tiny", "--out", str(out), "--cache", str(tmp_path / "cache")]
+    done = subprocess.run(cmd, cwd=ROOT, env={**ENV, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True,
+                          timeout=880)
+    assert done.returncode == 0, done.stderr[-4000:]
+    r = json.loads(out.read_text())
+
+    def check(section: dict, fields: dict, where: str) -> None:
+        for name, kind in fields.items():
+            assert name in section, f"{where}.{name} missing"
+            value = section[name]
+            ok = isinstance(value, kind) or (kind is float and isinstance(value, int) and not isinstance(value, bool))
+            assert ok, f"{where}.{name} = {value!r} is not {kind}"
+
+    for section, fields in GPU_CHECK_FIELDS.items():
+        check(r[section], fields, section)
+    assert set(r["train"]) == {"streaming", "resident"}
+    for name, m in r["train"].items():
+        check(m, TRAIN_FIELDS, f"train.{name}")
+        assert m["steps"] == r["config"]["steps"] and m["images_per_s"] > 0 and 0 < m["mfu"] < 1
+        assert 0 <= m["data_wait"] <= 1 and m["loss_first"] > 0 and m["loss_last"] > 0
+    assert r["flops_per_image"] > 1e5 and r["device"]["matmul_peak_flops"] > 0 and r["seconds"] > 0
+    assert r["config"]["mode"] == "tiny" and r["device"]["dtype"] == "fp32"
+    assert r["lstm"]["all_fp32"] and r["lstm"]["param_dtypes"] == ["torch.float32"]
+    assert r["resume"]["within_tolerance"] and r["resume"]["max_abs_diff"] == 0.0  # CPU fp32: bit-exact
+    assert r["scoring"]["topk_agreement"] == 1.0 and r["scoring"]["pairs"] >= 20
+    assert r["ray"]["rows"] == r["ray"]["scored"] > 0 and r["ray"]["rows_per_s"] > 0
+    assert r["sync"] == {"checked": False, "ok": None, "error": "no CUDA device"}
+    table = out.with_suffix(".md").read_text()
+    assert "| streaming |" in table and "| resident |" in table and "kill + resume" in table

@@ -219,6 +219,36 @@ def test_slurm_script_refuses_to_run_outside_slurm(tmp_path):
     assert done.returncode != 0 and "submit with sbatch" in done.stderr
 
 
+def _fake_slurm_bin(tmp_path: Path) -> Path:
+    """Stand-ins for the two SLURM commands the script calls: `scontrol show hostnames` prints two hosts,
+    `srun` writes its arguments (one per line) to $SRUN_ARGS and exits 0."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "scontrol").write_text("#!/usr/bin/env bash\nprintf 'node1\\nnode2\\n'\n")
+    (bin_dir / "srun").write_text('#!/usr/bin/env bash\nprintf \'%s\\n\' "$@" > "$SRUN_ARGS"\n')
+    for f in bin_dir.iterdir():
+        f.chmod(0o755)
+    return bin_dir
+
+
+def test_slurm_script_passes_cpus_per_task_to_srun(tmp_path):
+    """Slurm >= 22.05: srun no longer inherits sbatch's --cpus-per-task; without it every node's
+    launcher, training processes and loader workers would share one CPU."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
+    env.update(RUN=str(tmp_path / "run"), SHARDS="s", SLURM_JOB_ID="4242", SLURM_JOB_NUM_NODES="2",
+               SLURM_JOB_NODELIST="node[1-2]", SLURM_CPUS_PER_TASK="96", SRUN_ARGS=str(tmp_path / "srun.args"),
+               PATH=f"{_fake_slurm_bin(tmp_path)}:{os.environ['PATH']}")
+    done = subprocess.run(["bash", str(LAUNCH / "slurm_train.sh"), "--epochs", "3"], env=env, capture_output=True,
+                          text=True, timeout=30)
+    assert done.returncode == 0, done.stderr
+    args = (tmp_path / "srun.args").read_text().splitlines()
+    assert "--cpus-per-task=96" in args and "--nodes=2" in args, args
+    assert args[-2:] == ["--epochs", "3"]  # the user's flags still reach itsim.train
+    del env["SLURM_CPUS_PER_TASK"]
+    done = subprocess.run(["bash", str(LAUNCH / "slurm_train.sh")], env=env, capture_output=True, text=True, timeout=30)
+    assert done.returncode != 0 and "--cpus-per-task" in done.stderr
+
+
 def test_sizing_flop_count_matches_the_convolution_formula():
     """The FLOPs in the README's sizing note: FlopCounterMode against 2 x MACs of each 3x3 conv + dense."""
     sizing = _load_sizing()

@@ -5,10 +5,13 @@ which either feeds every rank from rank 0 or drops data when combined with node 
 rank opens its own pipeline, splits shards explicitly by rank and by worker, and produces a fixed
 number of batches per epoch, so no rank waits on another at an epoch's end.
 
-Exact resume: the batch stream is a pure function of (seed, epoch, rank, logical worker). A worker
-owns every W-th batch; on resume at batch j the physical workers are rotated so that the DataLoader's
-round-robin (which always starts at worker 0) asks first for batch j. Batches already consumed are
-skipped as raw bytes, before any JPEG is decoded.
+Exact resume: the batch stream is a pure function of (seed, epoch, rank, logical worker). Logical
+worker w owns the rank's global batch indices g with g % W == w, counted across epochs (an epoch of
+B batches need not be a multiple of W: B = ceil(images / (batch x ranks)), one pass within one
+batch per rank). In epoch e a worker makes its owned batches from its own shards of that epoch, in
+order. On resume at batch j the physical workers are rotated so that the DataLoader's round-robin
+(which always starts at worker 0) asks first for batch j. Batches already consumed are skipped as
+raw bytes, before any JPEG is decoded.
 
 Security: only the `jpg`, `json`, `ids.npy` and `lengths.npy` members are read from a tar; nothing
 is unpickled (`np.load(allow_pickle=False)`); any other member (a planted `.pyd`/`.pickle`) is
@@ -24,7 +27,9 @@ import hashlib
 import io
 import json
 import logging
+import os
 import random
+import shutil
 from dataclasses import dataclass
 from itertools import islice
 from pathlib import Path
@@ -146,7 +151,7 @@ def collate(samples: list[dict[str, Any]]) -> dict[str, Any]:
 class StreamSpec:
     shards: list[str]
     batch_size: int
-    batches_per_epoch: int  # per rank; a multiple of the worker count
+    batches_per_epoch: int  # per rank (`batches_per_epoch()`)
     seed: int = 0
     rank: int = 0
     world_size: int = 1
@@ -232,19 +237,15 @@ class ShardStream(IterableDataset):
         spec = self.spec
         info = get_worker_info()
         n_workers, physical = (info.num_workers, info.id) if info else (1, 0)
-        if spec.batches_per_epoch % n_workers:
-            raise ValueError("batches_per_epoch must be a multiple of the DataLoader worker count")
-        per_worker = spec.batches_per_epoch // n_workers
         # Rotate so that physical worker 0 makes global batch `start_batch` (see module docstring).
         logical = (physical + spec.start_batch) % n_workers
-        first = spec.start_batch + ((logical - spec.start_batch) % n_workers)  # first global index this worker owns
         stats = {"bad_samples": 0}
-        epoch = first // spec.batches_per_epoch
-        skip = len(range(logical, first % spec.batches_per_epoch, n_workers))
+        epoch = spec.start_batch // spec.batches_per_epoch
         while True:
-            for raw in islice(self._raw_batches(epoch, logical, n_workers, stats), per_worker):
-                if skip:
-                    skip -= 1
+            owned = owned_batches(epoch, logical, n_workers, spec.batches_per_epoch)
+            raw_batches = self._raw_batches(epoch, logical, n_workers, stats) if len(owned) else iter(())
+            for index, raw in zip(owned, raw_batches):  # zip stops before reading past the owned batches
+                if index < spec.start_batch:
                     continue
                 batch = self._decode_batch(raw, stats)
                 if batch is not None:
@@ -254,11 +255,20 @@ class ShardStream(IterableDataset):
             epoch += 1
 
 
-def batches_per_epoch(n_images: int, batch_size: int, world_size: int, workers: int) -> int:
-    """Per-rank batches so that one epoch sees about every image once, rounded up to the workers."""
-    per_rank = max(1, -(-n_images // (batch_size * world_size)))
-    w = max(1, workers)
-    return -(-per_rank // w) * w
+def owned_batches(epoch: int, logical: int, n_workers: int, per_epoch: int) -> range:
+    """The global batch indices of `epoch` that logical worker `logical` makes: g % n_workers == logical."""
+    lo = epoch * per_epoch
+    return range(lo + (logical - lo) % n_workers, lo + per_epoch, n_workers)
+
+
+def batches_per_epoch(n_images: int, batch_size: int, world_size: int, workers: int = 0) -> int:
+    """Per-rank batches of one epoch: one pass over the images, within one batch per rank.
+
+    Not rounded to the loader workers (that made Flickr8k on 8 GPUs x 8 workers 2.24 passes per
+    "epoch"): workers own batch indices modulo their count across epochs (`owned_batches`), so any
+    count works with exact resume. `workers` is accepted for callers and ignored.
+    """
+    return max(1, -(-n_images // (batch_size * world_size)))
 
 
 def _ignore_stop_signals(worker_id: int) -> None:
@@ -271,6 +281,50 @@ def _ignore_stop_signals(worker_id: int) -> None:
 
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+SHM = "/dev/shm"
+
+
+def batch_nbytes(batch_size: int, image_size: int, captions_per_image: int, max_len: int) -> int:
+    """Bytes of one collated batch: uint8 images plus token ids and lengths (int32)."""
+    return batch_size * (image_size * image_size * 3 + captions_per_image * (max_len + 1) * 4 + 16)
+
+
+def shm_free(path: str = SHM) -> int | None:
+    """Free bytes of the shared-memory filesystem DataLoader workers pass batches through; None without one."""
+    return shutil.disk_usage(path).free if os.path.isdir(path) else None
+
+
+def plan_prefetch(batch_bytes: int, workers: int, local_ranks: int, free: int | None, wanted: int = 4) -> int:
+    """The DataLoader prefetch factor whose batches fit this rank's share of /dev/shm.
+
+    Each worker's finished batches wait in shared memory: `workers x prefetch` per rank, plus the one
+    the main process holds and the one being pinned. At 299 px a batch of 256 is 69 MB, so 8 ranks x
+    8-12 workers x prefetch 4 want 17-26 GB, while containers get 64 MB by default and workers then
+    die with a bus error mid-run. Lowers the factor (with a warning) to fit, or raises a UserError
+    naming the `--shm-size` the job needs. Every local rank gets an equal share of what is free now.
+    """
+    if workers <= 0 or free is None:
+        return wanted
+    share = free * 0.9 / max(1, local_ranks)  # a margin for the allocator and other users
+
+    def need(prefetch: int) -> int:
+        return (workers * prefetch + 2) * batch_bytes
+
+    fits = [p for p in range(wanted, 0, -1) if need(p) <= share]
+    if not fits:
+        full = local_ranks * need(wanted) / 0.9
+        raise UserError(
+            f"{SHM} has {free / 1e9:.2f} GB free; {local_ranks} rank(s) x {workers} loader workers with batches of "
+            f"{batch_bytes / 1e6:.1f} MB need {local_ranks * need(1) / 0.9 / 1e9:.2f} GB even at prefetch 1 "
+            f"({full / 1e9:.1f} GB at {wanted}): run the container with --shm-size={int(-(-full // 1e9))}g or "
+            "--ipc=host, or lower --workers / --batch-size, or use --data-on-device")
+    if fits[0] < wanted:
+        log.warning("loader prefetch lowered from %d to %d batches per worker: %s has %.2f GB free for %d rank(s) "
+                    "(batches of %.1f MB); give the job more shared memory (--shm-size, --ipc=host) for the full "
+                    "prefetch", wanted, fits[0], SHM, free / 1e9, local_ranks, batch_bytes / 1e6)
+    return fits[0]
 
 
 def make_loader(spec: StreamSpec, workers: int = 2, pin_memory: bool = False, prefetch: int = 4) -> DataLoader:

@@ -48,6 +48,7 @@ class Pairs:
         return Pairs(**{f.name: getattr(self, f.name).to(device, non_blocking=True) for f in fields(self)})
 
     def __len__(self) -> int:
+        """Pairs that count (weight > 0); read it while `weights` is on the host (on a GPU it is a sync)."""
         return int((self.weights > 0).sum())
 
 
@@ -68,12 +69,24 @@ def step_captions(batch: dict, per_image: int, gen: torch.Generator) -> StepCapt
 
 def balanced_pairs(caps: StepCaptions, key_ids: torch.Tensor, gen: torch.Generator) -> Pairs:
     """One pair per caption: its own image (label 1) or, with probability 0.5, the text of a caption of
-    another image in the batch (label 0). A batch holding a single image keeps every pair positive."""
+    another image in the batch (label 0): the other image uniform among the batch's other distinct
+    images (by key: a repeated image is not "other"), then one of its captions uniformly. A batch
+    holding a single image keeps every pair positive.
+
+    O(n log n) in the step's captions (a sort), never an n x n matrix: the other image is the caption's
+    own image plus a uniform offset in [1, U) modulo the U distinct images.
+    """
     n = caps.image.shape[0]
-    owner = key_ids[caps.image]
-    different = owner[:, None] != owner[None, :]
-    negative = (torch.rand(n, generator=gen) < 0.5) & different.any(dim=1)
-    other = torch.multinomial(different.float() + 1e-12, 1, generator=gen).squeeze(1)
+    keys, owner = torch.unique(key_ids[caps.image], return_inverse=True)  # distinct image of each caption
+    u = keys.numel()
+    negative = (torch.rand(n, generator=gen) < 0.5) & (u > 1)
+    other_image = (owner + torch.randint(1, max(2, u), (n,), generator=gen)) % max(1, u)
+    counts = torch.bincount(owner, minlength=u)  # >= 1: every distinct image here has a caption
+    starts = counts.cumsum(0) - counts
+    by_image = torch.argsort(owner, stable=True)  # captions grouped by distinct image
+    n_other = counts[other_image]
+    pick = torch.minimum((torch.rand(n, generator=gen) * n_other).long(), n_other - 1)  # uniform in [0, n_other)
+    other = by_image[starts[other_image] + pick]
     text = torch.where(negative, other, torch.arange(n))
     return Pairs(caps.image, text, (~negative).float(), torch.full((n,), 1.0 / max(1, n)))
 
@@ -85,29 +98,32 @@ def in_batch_negatives(scores: torch.Tensor | None, valid: torch.Tensor, k: int,
     mode "hard" takes the highest `scores` (image i against caption j), "random" a uniform draw, "itc"
     a draw without replacement in proportion to softmax(scores) over the valid captions (Gumbel top-k;
     ALBEF's negatives from the contrastive similarities). When an image has fewer than k valid
-    captions its extra slots are marked unusable.
+    captions its extra slots are marked unusable. `valid` is on the host and so is `usable` (counted
+    from it, not read from the scores); the indices are on the scores' device, so hard negatives never
+    copy the logits to the host.
     """
     k = max(1, min(k, valid.shape[1]))
+    usable = torch.arange(k)[None, :] < valid.sum(dim=1, keepdim=True)
     if mode in ("hard", "itc"):
         if scores is None:
             raise ValueError(f"{mode} negatives need the step's scores")
         ranked = scores.detach().float()
         if mode == "itc":
             uniform = torch.rand(valid.shape, generator=gen).clamp(1e-12, 1 - 1e-7)
-            ranked = ranked - torch.log(-torch.log(uniform))
-        ranked = ranked.masked_fill(~valid, float("-inf"))
+            ranked = ranked - torch.log(-torch.log(uniform)).to(ranked.device, non_blocking=True)
+        ranked = ranked.masked_fill(~valid.to(ranked.device, non_blocking=True), float("-inf"))
     elif mode == "random":
         ranked = torch.rand(valid.shape, generator=gen).masked_fill(~valid, float("-inf"))
     else:
         raise ValueError(f"unknown negatives mode {mode!r} (random|hard|itc)")
-    top = ranked.topk(k, dim=1)
-    return top.indices, torch.isfinite(top.values)
+    return ranked.topk(k, dim=1).indices, usable
 
 
 def in_batch_pairs(caps: StepCaptions, key_ids: torch.Tensor, k: int, mode: str, gen: torch.Generator,
                    scores: torch.Tensor | None = None) -> Pairs:
     """Every caption with its own image (positives, half the loss) and each image with k captions of
-    other images (negatives, the other half). `scores` [B, N] is needed for modes "hard" and "itc"."""
+    other images (negatives, the other half). `scores` [B, N] is needed for modes "hard" and "itc"; then
+    `text_index` is on its device and everything else on the host."""
     b, n = key_ids.shape[0], caps.image.shape[0]
     valid = key_ids[:, None] != key_ids[caps.image][None, :]
     neg, usable = in_batch_negatives(scores, valid, k, mode, gen)
@@ -116,7 +132,7 @@ def in_batch_pairs(caps: StepCaptions, key_ids: torch.Tensor, k: int, mode: str,
     pos_w = torch.full((n,), 0.5 / max(1, n))
     neg_w = torch.where(usable, torch.tensor(0.5 / max(1, n_neg)), torch.tensor(0.0))
     return Pairs(image_index=torch.cat([caps.image, torch.arange(b).repeat_interleave(neg.shape[1])]),
-                 text_index=torch.cat([torch.arange(n), neg.reshape(-1)]),
+                 text_index=torch.cat([torch.arange(n).to(neg.device, non_blocking=True), neg.reshape(-1)]),
                  labels=torch.cat([torch.ones(n), torch.zeros(neg.numel())]),
                  weights=torch.cat([pos_w, neg_w]))
 

@@ -10,6 +10,7 @@ from typing import Any
 
 import math
 
+import numpy as np
 import torch
 from torch import nn
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
@@ -46,15 +47,17 @@ class ModelConfig:
 
 
 def images_to_float(images: torch.Tensor, channels_last: bool = False) -> torch.Tensor:
-    """uint8 [B, H, W, 3] (as the loader ships them) -> float [B, 3, H, W] in [0, 1] on the same device.
+    """uint8 [B, H, W, 3] (as the loader ships them) -> float [B, 3, H, W] in [0, 1] on the same device,
+    in an explicit memory format: channels_last when asked, else contiguous NCHW.
 
-    Images travel as uint8 and are scaled only on the device: 4x less host-to-device traffic.
+    Images travel as uint8 and are scaled only on the device: 4x less host-to-device traffic. The
+    permuted NHWC view already has channels-last strides, and `.float()` would keep them, so without
+    the explicit format "channels_last off" would silently still be channels-last.
     """
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
     if images.dtype == torch.uint8:
-        images = images.permute(0, 3, 1, 2).float().div_(255.0)
-    if channels_last:
-        images = images.contiguous(memory_format=torch.channels_last)
-    return images
+        return images.permute(0, 3, 1, 2).to(torch.float32, memory_format=fmt).div_(255.0)
+    return images.contiguous(memory_format=fmt)
 
 
 class ImageEncoder(nn.Module):
@@ -82,11 +85,27 @@ class ImageEncoder(nn.Module):
         return self.proj(x.mean(dim=(2, 3)))
 
 
+def host_lengths(lengths: "torch.Tensor | np.ndarray | list[int]", max_len: int) -> torch.Tensor:
+    """Caption lengths as an int64 CPU tensor clamped to [1, max_len].
+
+    Packing needs them on the host. Pass a NumPy array (or a CPU tensor) from the host: DDP moves
+    every tensor argument of `forward` to the GPU with a blocking copy, but leaves arrays alone; a
+    device tensor costs one device-to-host sync here.
+    """
+    if isinstance(lengths, torch.Tensor):
+        lengths = lengths.cpu()
+    return torch.as_tensor(lengths).long().clamp(min=1, max=max_len)
+
+
 class TextEncoder(nn.Module):
     """Embedding -> stacked bidirectional LSTM over packed sequences -> `text_dim`.
 
-    Packing means the padding to `max_len` costs nothing. On CPU the LSTM runs in fp32 with
-    autocast off: oneDNN has no bf16/fp16 LSTM primitive (it raises under autocast).
+    Packing means the padding to `max_len` costs nothing. The LSTM runs in fp32 with autocast off on
+    every device, one code path: oneDNN has no bf16/fp16 LSTM (it raises under CPU autocast), and
+    cuDNN's autocast RNN path may cast to fp16 whatever the autocast dtype, where without a
+    GradScaler (bf16 runs have none) the text branch's small gradients can underflow. The LSTM is
+    about 1% of the model's FLOPs. The sequences are sorted on the host and the permutations copied
+    without blocking, so nothing here waits for the GPU.
     """
 
     def __init__(self, cfg: ModelConfig):
@@ -100,21 +119,23 @@ class TextEncoder(nn.Module):
             raise ValueError(f"unknown text_pool {cfg.text_pool!r} (last | mean | max)")
         self.pool = cfg.text_pool
 
-    def forward(self, ids: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
-        ids = ids.long()
-        lengths = lengths.long().clamp(min=1, max=ids.shape[1])
-        max_len = int(lengths.max())
-        emb = self.embed(ids[:, :max_len])
-        on_cpu = emb.device.type == "cpu"
-        with torch.autocast(device_type=emb.device.type, enabled=not on_cpu and torch.is_autocast_enabled(emb.device.type)):
-            if on_cpu:
-                emb = emb.float()
-            packed = pack_padded_sequence(emb, lengths.cpu(), batch_first=True, enforce_sorted=False)
+    def forward(self, ids: torch.Tensor, lengths: "torch.Tensor | np.ndarray") -> torch.Tensor:
+        lengths = host_lengths(lengths, ids.shape[1])
+        order = torch.argsort(lengths, descending=True, stable=True)  # longest first, as packing wants
+        inverse = torch.empty_like(order)
+        inverse[order] = torch.arange(order.numel())
+        sorted_lengths = lengths[order]
+        device = ids.device
+        order, inverse = order.to(device, non_blocking=True), inverse.to(device, non_blocking=True)
+        emb = self.embed(ids[:, :int(sorted_lengths[0])].long().index_select(0, order))
+        with torch.autocast(device_type=device.type, enabled=False):
+            packed = pack_padded_sequence(emb.float(), sorted_lengths, batch_first=True, enforce_sorted=True)
             outputs, (h_n, _) = self.lstm(packed)
-        if self.pool != "last":
-            return self.proj(pool_outputs(pad_packed_sequence(outputs, batch_first=True)[0], lengths, self.pool))
-        last = torch.cat([h_n[-2], h_n[-1]], dim=1)  # final forward and backward states of the top layer
-        return self.proj(last)
+            if self.pool == "last":
+                vec = torch.cat([h_n[-2], h_n[-1]], dim=1)  # final states of the top layer, both directions
+            else:
+                vec = pool_outputs(pad_packed_sequence(outputs, batch_first=True)[0], sorted_lengths, self.pool)
+        return self.proj(vec.index_select(0, inverse))
 
 
 def pool_outputs(outputs: torch.Tensor, lengths: torch.Tensor, mode: str) -> torch.Tensor:
@@ -179,7 +200,13 @@ class ItsimModel(nn.Module):
         return self.text_encoder(ids, lengths)
 
     def head(self, image_vec: torch.Tensor, text_vec: torch.Tensor) -> torch.Tensor:
-        return self.fusion(image_vec, text_vec)
+        """Logits of encoded pairs, in fp32 with autocast off on every device: the scoring and
+        evaluation path. Under bf16 autocast the logits would carry 8 mantissa bits, so `--mode topk`
+        would meet exact ties and GPU rankings would differ from CPU ones and from `itsim eval`.
+        (Training's `forward` runs the head under the caller's autocast: there it is a speed choice.)
+        """
+        with torch.autocast(device_type=image_vec.device.type, enabled=False):
+            return self.fusion(image_vec.float(), text_vec.float())
 
     def forward(self, images: torch.Tensor, ids: torch.Tensor, lengths: torch.Tensor,
                 image_index: torch.Tensor | None = None, text_index: torch.Tensor | None = None,
@@ -191,6 +218,8 @@ class ItsimModel(nn.Module):
         With `select` (contrastive models): the similarity matrix [B, N] is computed first, the pairs
         come from `select(similarity.detach())` -> (image_index, text_index), and the result is
         (logits, similarity), all in this one call.
+        `lengths` is best a NumPy array (see `host_lengths`). The head runs under the caller's autocast
+        here (in-batch hard negatives put B x N pairs through it); `head` is the fp32 scoring path.
         """
         image_vec = self.encode_image(images)
         text_vec = self.encode_text(ids, lengths)
@@ -202,7 +231,7 @@ class ItsimModel(nn.Module):
             image_vec = image_vec[image_index]
         if text_index is not None:
             text_vec = text_vec[text_index]
-        return self.head(image_vec, text_vec)
+        return self.fusion(image_vec, text_vec)
 
     def score_matrix(self, image_vec: torch.Tensor, text_vec: torch.Tensor, max_elements: int = 1 << 20) -> torch.Tensor:
         """Logits for every image x every caption [n_img, n_txt], running only the head (see score_all_pairs)."""

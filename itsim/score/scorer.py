@@ -26,7 +26,7 @@ from PIL import Image
 
 from itsim.images import DEFAULT_MAX_PIXELS, ImageError, load_image, safe_path, to_array
 from itsim.model import ItsimModel, Preprocess, encode_captions, encode_images, load_model, resolve_device
-from itsim.model.encode import autocast, to_device
+from itsim.model.encode import autocast, rows_to_device, to_device
 from itsim.text import Vocab, normalize
 
 log = logging.getLogger(__name__)
@@ -207,7 +207,7 @@ class Scorer:
     """A loaded model that scores image-caption pairs (probability that the caption fits the image).
 
     `score` for Python callers; `score_rows` for a table batch (what the Ray actors run, through
-    `prepare_rows` + `score_prepared`). fp32 on CPU; bf16 autocast on CUDA.
+    `prepare_rows` + `score_prepared`). fp32 on CPU; on CUDA the encoders run in bf16, the head in fp32.
     """
 
     def __init__(self, model: ItsimModel, vocab: Vocab, pre: Preprocess, device: torch.device, *,
@@ -242,9 +242,8 @@ class Scorer:
 
     def matrix_from_vectors(self, image_vecs: torch.Tensor, text_vecs: torch.Tensor) -> np.ndarray:
         """Probabilities [n_img, n_txt] from encoded vectors, running only the head over every pair."""
-        with torch.inference_mode(), autocast(self.device):
-            logits = self.model.score_matrix(image_vecs, text_vecs)
-        return torch.sigmoid(logits.float()).cpu().numpy()
+        logits = self.model.score_matrix(image_vecs, text_vecs)  # the head in fp32 (see score_all_pairs)
+        return torch.sigmoid(logits).cpu().numpy()
 
     # --- rows -----------------------------------------------------------------------------------
 
@@ -255,19 +254,22 @@ class Scorer:
     def score_prepared(self, prep: Prepared) -> np.ndarray:
         """float32 probabilities, NaN where the row has an error.
 
-        Per chunk of rows, the CNN runs once per distinct image key and the model indexes its vectors
-        (`ItsimModel.forward`'s `image_index`); in eval mode that gives the per-row numbers.
+        Per chunk of rows, the CNN runs once per distinct image key and its vectors are indexed per
+        row; in eval mode that gives the per-row numbers. The encoders run under `autocast` (bf16 on
+        CUDA), the head in fp32 on every device (`ItsimModel.head`), as `itsim eval` and top-k do.
         """
         scores = np.full(len(prep), np.nan, dtype=np.float32)
         ok = np.flatnonzero(prep.ok)
-        with torch.inference_mode(), autocast(self.device):
+        with torch.inference_mode():
             for s in self._chunks(len(ok)):
                 rows = ok[s]
                 image_rows, image_index = _distinct_images(rows, prep.image_keys)
-                index = None if image_index is None else to_device(image_index, self.device)
-                logits = self.model(to_device(prep.pixels[image_rows], self.device), to_device(prep.ids[rows], self.device),
-                                    torch.from_numpy(prep.lengths[rows]), image_index=index)
-                scores[rows] = torch.sigmoid(logits.float()).cpu().numpy()
+                with autocast(self.device):
+                    image_vec = self.model.encode_image(rows_to_device(prep.pixels, image_rows, self.device))
+                    text_vec = self.model.encode_text(rows_to_device(prep.ids, rows, self.device), prep.lengths[rows])
+                if image_index is not None:
+                    image_vec = image_vec[to_device(image_index, self.device)]
+                scores[rows] = torch.sigmoid(self.model.head(image_vec, text_vec)).cpu().numpy()
         return scores
 
     def score_rows(self, batch: Any, image_col: str = "image", caption_col: str = "caption",

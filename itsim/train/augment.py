@@ -45,13 +45,13 @@ def augment(images: torch.Tensor, ops: tuple[str, ...], gen: torch.Generator, mi
     if "flip" in ops:
         flip = torch.where(torch.rand(b, generator=gen) < 0.5, -1.0, 1.0)
     if "jitter" in ops:
-        factors = (1 + (torch.rand(b, 3, generator=gen) * 2 - 1) * 0.4).to(images.device, images.dtype)
+        factors = (1 + (torch.rand(b, 3, generator=gen) * 2 - 1) * 0.4).to(images.device, images.dtype, non_blocking=True)
     if ops != ("jitter",):
         theta = torch.zeros(b, 2, 3)
         theta[:, 0, 0] = scale * flip
         theta[:, 1, 1] = scale if scale_y is None else scale_y
         theta[:, :, 2] = shift
-        theta = theta.to(images.device, images.dtype)
+        theta = theta.to(images.device, images.dtype, non_blocking=True)  # no host sync on a GPU
         grid = F.affine_grid(theta, list(images.shape), align_corners=False)
         images = F.grid_sample(images, grid, mode="bilinear", padding_mode="border", align_corners=False)
     if "jitter" in ops:

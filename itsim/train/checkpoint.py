@@ -15,6 +15,8 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+from accelerate.utils import broadcast_object_list
+
 from itsim.errors import UserError
 from itsim.io import atomic_write, sha256_file, write_error
 from itsim.train.runtime import any_rank
@@ -102,6 +104,31 @@ def find_resume(directory: str | Path, resume: str) -> tuple[Path, dict[str, Any
             log.warning("skipping unusable checkpoint %s: %s", path.name, exc)
     log.info("--resume auto: no usable checkpoint in %s, starting fresh", directory)
     return None
+
+
+def choose_resume(accelerator: Any, directory: str | Path, resume: str) -> tuple[Path, dict[str, Any]] | None:
+    """`find_resume` on the main process only; every rank gets its choice (path and trainer state).
+
+    On a shared filesystem with attribute caching (NFS) ranks can list the checkpoint folder
+    differently, pick different "newest" checkpoints, and then issue mismatched collectives. A
+    UserError on the main process (a bad `--resume` path) reaches every rank, so none waits for the
+    broadcast in vain.
+    """
+    if not resume:
+        return None
+    if accelerator.num_processes == 1:
+        return find_resume(directory, resume)
+    choice: list[Any] = [None]
+    if accelerator.is_main_process:
+        try:
+            found = find_resume(directory, resume)
+            choice = [{"path": str(found[0]), "state": found[1]} if found else {"path": None}]
+        except UserError as exc:
+            choice = [{"error": str(exc)}]
+    choice = broadcast_object_list(choice, from_process=0)[0]
+    if "error" in choice:
+        raise UserError(choice["error"])
+    return (Path(choice["path"]), choice["state"]) if choice["path"] else None
 
 
 def _why(exc: BaseException, directory: Path) -> str:

@@ -41,15 +41,24 @@ class TrainConfig:
     checkpoint_every: int = 250
     keep: int = field(default=3, metadata={"help": "checkpoints kept"})
     eval_every: int = field(default=250, metadata={"help": "validate every N steps (0 = only at the end)"})
-    log_every: int = 10
+    log_every: int = field(default=10, metadata={
+        "help": "log every N steps; metrics are read from the device (a host sync) and a SIGTERM/SIGINT is "
+                "acted on only at these steps, so a stop request ends the run within N steps"})
     val_split: str = "val"
     val_max_images: int = 1000
     resume: str = field(default="", metadata={"help": "'auto' (newest complete checkpoint) or a checkpoint path"})
     seed: int = 0
-    workers: int = field(default=2, metadata={"help": "DataLoader worker processes per rank"})
+    workers: int = field(default=2, metadata={
+        "help": "DataLoader worker processes per rank (with --data-on-device: threads decoding the split once)"})
     threads: int = field(default=0, metadata={
         "help": "CPU compute threads per rank; 0 = OMP_NUM_THREADS if set, else the CPUs / local ranks"})
     shuffle_buffer: int = 1000
+    data_on_device: bool = field(default=False, metadata={
+        "help": "decode the train split once into device memory (uint8; RAM on CPU) and draw and augment batches "
+                "there; refused when it exceeds --device-memory-gb. Default: stream from the shards"})
+    device_memory_gb: float = field(default=0.0, metadata={
+        "help": "memory budget of --data-on-device; 0 = 60%% of the GPU's free memory (CUDA) or of the available "
+                "RAM shared by the local ranks (CPU)"})
     sync_bn: bool = field(default=False, metadata={"help": "SyncBatchNorm across GPUs"})
     compile: bool = field(default=False, metadata={"help": "torch.compile the image encoder and head"})
     dist_timeout: int = field(default=600, metadata={"help": "seconds before a stuck collective fails"})

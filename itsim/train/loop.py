@@ -2,7 +2,8 @@
 
 Run it as `itsim train ...` on one process, or `accelerate launch -m itsim.train ...` on many
 processes and machines. Accelerate handles devices, DDP, mixed precision and gradient accumulation;
-the data pipeline is built per rank (see data/loader.py) and never passed through `prepare()`.
+the data pipeline is built per rank (see data/loader.py, or data/resident.py with --data-on-device)
+and never passed through `prepare()`.
 `train()` reads top to bottom; each phase (setup, step, logging, validation, checkpoint, export) is a
 named function below it.
 """
@@ -21,8 +22,10 @@ import torch
 from accelerate.utils import set_seed
 
 from itsim import config, progress as progress_lines
-from itsim.data.loader import StreamSpec, batches_per_epoch, make_loader, read_manifest, split_shards
+from itsim.data.loader import (StreamSpec, batch_nbytes, batches_per_epoch, make_loader, plan_prefetch, read_manifest,
+                               shm_free, split_shards)
 from itsim.data.pairs import step_generator
+from itsim.data.resident import ResidentBatches, ResidentSplit, check_fits, load_split, memory_budget
 from itsim.errors import UserError
 from itsim.model import ItsimModel, Preprocess, count_parameters, images_to_float, save_model
 from itsim.text import Vocab
@@ -30,8 +33,8 @@ from itsim.train import checkpoint, trackers as tracking
 from itsim.train.augment import augment, parse_ops
 from itsim.train.config import TrainConfig, lr_at
 from itsim.train.objective import step_loss
-from itsim.train.runtime import (StopFlag, any_rank, cpu_threads, looks_like_peer_failure, make_accelerator,
-                                 param_checksum)
+from itsim.train.runtime import (StopFlag, any_rank, configure_backends, cpu_threads, looks_like_peer_failure,
+                                 make_accelerator, param_checksum)
 from itsim.train.validate import ValidationSet
 
 log = logging.getLogger("itsim.train")
@@ -65,10 +68,11 @@ class Run:
 
 @dataclass
 class Window:
-    """Running sums between two log lines."""
+    """Running sums between two log lines. Loss and correct pairs stay device tensors until the log
+    step reads them (one host sync per `--log-every` steps instead of two per step)."""
 
-    loss: float = 0.0
-    correct: float = 0.0
+    loss: torch.Tensor | float = 0.0
+    correct: torch.Tensor | float = 0.0
     pairs: int = 0
     images: int = 0
     wait: float = 0.0
@@ -103,12 +107,15 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
                 continue
             run.step += 1
             progress.update(1)
-            if run.step % cfg.log_every == 0 or run.step == run.total:
+            log_step = run.step % cfg.log_every == 0 or run.step == run.total
+            if log_step:
                 log_window(run, window, batch_index, progress)
                 window = Window(bad_samples=window.bad_samples)
             if run.val is not None and (run.step == run.total or (cfg.eval_every and run.step % cfg.eval_every == 0)):
                 last_val = validate(run)
-            should_stop = any_rank(run.accelerator, stop.raised)
+            # The ranks agree on stopping at log steps only: a collective (and a host sync) per step
+            # would stall the GPU; a signal therefore ends the run within --log-every steps.
+            should_stop = log_step and any_rank(run.accelerator, stop.raised)
             if run.step % cfg.checkpoint_every == 0 or run.step == run.total or should_stop:
                 save_checkpoint(run)
             if should_stop:
@@ -159,20 +166,20 @@ def setup(cfg: TrainConfig) -> Run:
     set_seed(cfg.seed)
     if accelerator.device.type == "cpu":
         torch.set_num_threads(cpu_threads(cfg, int(os.environ.get("LOCAL_WORLD_SIZE", accelerator.num_processes))))
+    configure_backends(accelerator.device)
     model, optimizer = accelerator.prepare(*build_model(cfg, len(vocab), accelerator.device, accelerator.num_processes))
 
     workers = max(0, cfg.workers)
-    bpe = batches_per_epoch(n_train, cfg.batch_size, accelerator.num_processes, workers)
+    resident = load_resident(cfg, accelerator.device, pre, n_train) if cfg.data_on_device else None
+    n_train = len(resident) if resident is not None else n_train
+    bpe = batches_per_epoch(n_train, cfg.batch_size, accelerator.num_processes)
     total = cfg.steps or max(1, math.ceil(cfg.epochs * bpe / cfg.grad_accum))
     step = resume(cfg, accelerator, out, workers, total)
-
-    spec = StreamSpec(shards=train_shards, batch_size=cfg.batch_size, batches_per_epoch=bpe, seed=cfg.seed,
-                      rank=accelerator.process_index, world_size=accelerator.num_processes,
-                      shuffle_buffer=cfg.shuffle_buffer, start_batch=step * cfg.grad_accum)
-    if len(train_shards) < accelerator.num_processes * max(1, workers):
-        log.warning("%d train shards for %d ranks x %d workers: sampling shards with replacement",
-                    len(train_shards), accelerator.num_processes, max(1, workers))
-    loader = make_loader(spec, workers=workers, pin_memory=accelerator.device.type == "cuda")
+    if resident is not None:
+        loader: Any = ResidentBatches(resident, cfg.batch_size, bpe, cfg.seed, accelerator.process_index,
+                                      accelerator.num_processes, start_batch=step * cfg.grad_accum)
+    else:
+        loader = stream_loader(cfg, accelerator, manifest, pre, train_shards, bpe, step * cfg.grad_accum)
 
     val = None
     if accelerator.is_main_process and manifest.get("splits", {}).get(cfg.val_split, {}).get("shards"):
@@ -186,6 +193,42 @@ def setup(cfg: TrainConfig) -> Run:
     log.info("model: %s parameters; %d train images, %d batches/epoch/rank, %d steps", f"{count_parameters(model):,}",
              n_train, bpe, total)
     return run
+
+
+def load_resident(cfg: TrainConfig, device: torch.device, pre: Preprocess, n_train: int) -> ResidentSplit:
+    """--data-on-device: the train split decoded once onto the device, or a UserError when it would not fit."""
+    local_ranks = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    budget, source = memory_budget(device, cfg.device_memory_gb, local_ranks)
+    need = check_fits(n_train, pre.image_size, budget, source)
+    start = time.perf_counter()
+    data = load_split(cfg.shards, "train", n_train, pre.image_size, device, threads=max(1, cfg.workers))
+    log.info("--data-on-device: %d train images decoded into %.2f GB on %s in %.1f s (budget %.2f GB: %s)",
+             len(data), need / 1e9, device, time.perf_counter() - start, budget / 1e9, source)
+    return data
+
+
+def stream_loader(cfg: TrainConfig, accelerator: Any, manifest: dict[str, Any], pre: Preprocess,
+                  train_shards: list[str], bpe: int, start_batch: int) -> Any:
+    """The default data path: this rank's WebDataset stream (data/loader.py)."""
+    workers = max(0, cfg.workers)
+    spec = StreamSpec(shards=train_shards, batch_size=cfg.batch_size, batches_per_epoch=bpe, seed=cfg.seed,
+                      rank=accelerator.process_index, world_size=accelerator.num_processes,
+                      shuffle_buffer=cfg.shuffle_buffer, start_batch=start_batch)
+    if len(train_shards) < accelerator.num_processes * max(1, workers):
+        log.warning("%d train shards for %d ranks x %d workers: sampling shards with replacement",
+                    len(train_shards), accelerator.num_processes, max(1, workers))
+    return make_loader(spec, workers=workers, pin_memory=accelerator.device.type == "cuda",
+                       prefetch=loader_prefetch(manifest, cfg, pre, workers, accelerator.num_processes))
+
+
+def loader_prefetch(manifest: dict[str, Any], cfg: TrainConfig, pre: Preprocess, workers: int,
+                    num_processes: int) -> int:
+    """Prefetch factor that fits this machine's /dev/shm (see `plan_prefetch`)."""
+    train = manifest.get("splits", {}).get("train", {})
+    captions = max(5, math.ceil(train.get("captions", 0) / max(1, train.get("images", 1))))
+    local_ranks = int(os.environ.get("LOCAL_WORLD_SIZE", num_processes))
+    return plan_prefetch(batch_nbytes(cfg.batch_size, pre.image_size, captions, pre.max_len), workers, local_ranks,
+                         shm_free())
 
 
 def build_model(cfg: TrainConfig, vocab_size: int, device: torch.device,
@@ -206,14 +249,17 @@ def build_model(cfg: TrainConfig, vocab_size: int, device: torch.device,
 
 def resume(cfg: TrainConfig, accelerator: Any, out: Path, workers: int, total: int) -> int:
     """Load the checkpoint `--resume` names (or the newest intact one); the step to continue from."""
-    found = checkpoint.find_resume(out / "checkpoints", cfg.resume) if cfg.resume else None
+    found = checkpoint.choose_resume(accelerator, out / "checkpoints", cfg.resume)  # the main process decides
     step = 0
     if found:
         path, state = found
         accelerator.load_state(str(path))
         step = int(state["step"])
-        if state.get("workers") != workers or state.get("world_size") != accelerator.num_processes:
-            log.warning("resuming with a different worker/process count: the data order will differ")
+        same_data = (state.get("world_size") == accelerator.num_processes
+                     and bool(state.get("data_on_device")) == cfg.data_on_device
+                     and (cfg.data_on_device or state.get("workers") == workers))
+        if not same_data:
+            log.warning("resuming with a different worker/process count or data path: the data order will differ")
         log.info("resumed from %s (step %d)", path, step)
     if step >= total:
         log.info("already at step %d of %d", step, total)
@@ -240,8 +286,9 @@ def train_step(run: Run, batch: dict[str, Any], batch_index: int) -> tuple[torch
 
 def add_to_window(w: Window, loss: torch.Tensor, correct: torch.Tensor, n_pairs: int, n_images: int,
                   wait: float, seconds: float) -> None:
-    w.loss += loss.item()
-    w.correct += float(correct)
+    """Accumulate one step; device tensors are added on the device, nothing is read back here."""
+    w.loss = w.loss + loss.detach()
+    w.correct = w.correct + correct.detach()
     w.pairs += n_pairs
     w.images += n_images
     w.wait += wait
@@ -251,8 +298,9 @@ def add_to_window(w: Window, loss: torch.Tensor, correct: torch.Tensor, n_pairs:
 
 def log_window(run: Run, w: Window, batch_index: int, progress: Any) -> None:
     n = run.accelerator.num_processes
-    row = {"step": run.step, "epoch": round(batch_index / run.batches_per_epoch, 3), "loss": w.loss / w.batches,
-           "lr": lr_at(run.step - 1, run.cfg, run.total), "train_acc": w.correct / max(1, w.pairs),
+    loss, correct = float(w.loss), float(w.correct)  # the window's one host sync
+    row = {"step": run.step, "epoch": round(batch_index / run.batches_per_epoch, 3), "loss": loss / w.batches,
+           "lr": lr_at(run.step - 1, run.cfg, run.total), "train_acc": correct / max(1, w.pairs),
            "images_per_s": n * w.images / w.time, "pairs_per_s": n * w.pairs / w.time,
            "data_wait": w.wait / w.time, "bad_samples": sum(w.bad_samples.values())}
     record(run, row)
@@ -282,6 +330,7 @@ def save_checkpoint(run: Run) -> None:
         "epoch": run.step * run.cfg.grad_accum // run.batches_per_epoch,
         "batches_consumed": run.step * run.cfg.grad_accum, "workers": run.workers,
         "world_size": run.accelerator.num_processes, "seed": run.cfg.seed, "total_steps": run.total,
+        "data_on_device": run.cfg.data_on_device,
     }, keep=run.cfg.keep)
 
 

@@ -31,13 +31,18 @@ def step_loss(model: torch.nn.Module, images: torch.Tensor, batch: dict[str, Any
     """(loss, correctly classified pairs, pairs) for one batch; `images` already on the device.
 
     The model is called exactly once (DDP needs one forward per backward): hard negatives score every
-    image against every caption and then pick from those logits.
+    image against every caption and then pick from those logits, on the device. Nothing here waits for
+    the GPU: captions, lengths and pair counts stay on the host (lengths go to the model as a NumPy
+    array, which DDP does not move), host tensors go to the device without blocking, and the loss and
+    the correct count come back as device tensors for the caller to read when it logs.
     """
     device = images.device
     caps = step_captions(batch, cfg.captions_per_image, gen)
     word_dropout = getattr(cfg, "word_dropout", 0.0)
     caption_ids = drop_words(caps.ids, caps.lengths, word_dropout, gen, UNK_ID) if word_dropout > 0 else caps.ids
-    ids, lengths = caption_ids.to(device, non_blocking=True), caps.lengths.to(device, non_blocking=True)
+    lengths = caps.lengths.clamp(1, caps.ids.shape[1])
+    ids = caption_ids[:, :int(lengths.max())].to(device, non_blocking=True)  # padding beyond the longest: never read
+    lengths = lengths.numpy()
     key_ids = batch["key_ids"]
     itc_weight = getattr(cfg, "itc_weight", 0.0)
     sim = None
@@ -51,24 +56,31 @@ def step_loss(model: torch.nn.Module, images: torch.Tensor, batch: dict[str, Any
             else:
                 found = in_batch_pairs(caps, key_ids, cfg.negatives_k, cfg.negatives, gen,
                                        scores=similarity.float().cpu())
+            chosen.append(found)
             chosen.append(found.to(device))
-            return chosen[0].image_index, chosen[0].text_index
+            return chosen[1].image_index, chosen[1].text_index
 
         logits, sim = model(images, ids, lengths, select=select)
-        pairs = chosen[0]
+        n_pairs = len(chosen[0])
+        pairs = chosen[1]
     elif cfg.pairs == "balanced":
-        pairs = balanced_pairs(caps, key_ids, gen).to(device)
+        pairs = balanced_pairs(caps, key_ids, gen)
+        n_pairs = len(pairs)
+        pairs = pairs.to(device)
         logits = model(images, ids, lengths, pairs.image_index, pairs.text_index)
     elif cfg.negatives == "hard":
         b, n = images.shape[0], caps.image.shape[0]
         every_image = torch.arange(b, device=device).repeat_interleave(n)
         every_caption = torch.arange(n, device=device).repeat(b)
         all_logits = model(images, ids, lengths, every_image, every_caption).view(b, n)
-        pairs = in_batch_pairs(caps, key_ids, cfg.negatives_k, "hard", gen,
-                               scores=all_logits.detach().float().cpu()).to(device)
+        pairs = in_batch_pairs(caps, key_ids, cfg.negatives_k, "hard", gen, scores=all_logits.detach())
+        n_pairs = len(pairs)
+        pairs = pairs.to(device)
         logits = all_logits[pairs.image_index, pairs.text_index]
     else:
-        pairs = in_batch_pairs(caps, key_ids, cfg.negatives_k, cfg.negatives, gen).to(device)
+        pairs = in_batch_pairs(caps, key_ids, cfg.negatives_k, cfg.negatives, gen)
+        n_pairs = len(pairs)
+        pairs = pairs.to(device)
         logits = model(images, ids, lengths, pairs.image_index, pairs.text_index)
     logits = logits.float()
     target = pairs.labels * (1 - 2 * cfg.label_smoothing) + cfg.label_smoothing
@@ -78,7 +90,7 @@ def step_loss(model: torch.nn.Module, images: torch.Tensor, batch: dict[str, Any
         loss = loss + itc_weight * itc_loss(sim.float(), positive)
     counted = pairs.weights > 0
     correct = (((logits > 0).float() == pairs.labels) & counted).float().sum()
-    return loss, correct, len(pairs)
+    return loss, correct, n_pairs
 
 
 def itc_loss(sim: torch.Tensor, positive: torch.Tensor) -> torch.Tensor:

@@ -60,9 +60,32 @@ def test_fewer_shards_than_ranks_times_workers_resamples_instead_of_hanging(tiny
     assert len(batches) == 4 and all(len(b) == 16 for b in batches)
 
 
-def test_batches_per_epoch_covers_the_images_and_divides_by_workers():
-    assert batches_per_epoch(1000, 64, 2, 3) % 3 == 0
-    assert batches_per_epoch(1000, 64, 2, 3) * 64 * 2 >= 1000
+@pytest.mark.parametrize("images,batch,ranks,workers", [
+    (6000, 256, 8, 8), (7316, 256, 8, 8), (7316, 256, 1, 8), (1000, 64, 2, 3), (29000, 128, 16, 12), (100, 256, 1, 4),
+    (240, 16, 1, 2)])
+def test_an_epoch_is_one_pass_within_one_batch_per_rank(images, batch, ranks, workers):
+    """Not rounded up to the workers: 6,000 images on 8 GPUs x 8 workers was 8 batches per rank (2.7 passes)."""
+    bpe = batches_per_epoch(images, batch, ranks, workers)
+    seen = bpe * batch * ranks
+    assert images <= seen < images + batch * ranks or (bpe == 1 and images < batch * ranks)
+    assert seen / images < 1 + batch * ranks / images
+
+
+def test_workers_own_every_batch_index_exactly_once_across_epochs():
+    from itsim.data.loader import owned_batches
+
+    for per_epoch, workers in [(5, 2), (3, 8), (7, 3), (8, 8)]:
+        made = sorted(g for e in range(6) for w in range(workers) for g in owned_batches(e, w, workers, per_epoch))
+        assert made == list(range(6 * per_epoch)), (per_epoch, workers)
+
+
+@pytest.mark.parametrize("per_epoch,workers", [(5, 2), (4, 3)])
+def test_resume_with_epochs_not_a_multiple_of_the_workers_continues_the_same_stream(tiny_shards, per_epoch, workers):
+    full = _keys(make_loader(_spec(tiny_shards, batches_per_epoch=per_epoch), workers=workers), 2 * per_epoch + 2)
+    for start in (1, per_epoch + 1):
+        resumed = _keys(make_loader(_spec(tiny_shards, batches_per_epoch=per_epoch, start_batch=start),
+                                    workers=workers), 2 * per_epoch + 2 - start)
+        assert resumed == full[start:], f"resume at batch {start} diverged"
 
 
 def _own_captions(batch, i):
@@ -97,6 +120,44 @@ def test_balanced_pairs_cover_every_caption_about_half_negative_never_the_same_i
         labels.append(pairs.labels)
     rate = torch.cat(labels).mean().item()
     assert 0.46 < rate < 0.54, rate
+
+
+def test_balanced_pairs_statistics_half_negative_other_image_uniform_its_captions_uniform():
+    """The O(n) draw keeps the reference's statistics: P(negative) = 0.5; the other image uniform among
+    the batch's other distinct images (a repeated image, same key, is not "other"); within it every
+    caption equally likely, whatever the caption counts. Tolerances: 5 standard deviations."""
+    from itsim.data.pairs import StepCaptions
+
+    key_ids = torch.tensor([10, 11, 12, 10, 13])  # row 3 repeats row 0's image
+    n_caps = [2, 1, 3, 4, 5]
+    image = torch.cat([torch.full((c,), i) for i, c in enumerate(n_caps)])
+    n = len(image)
+    caps = StepCaptions(torch.zeros(n, 3, dtype=torch.int32), torch.ones(n, dtype=torch.int32), image)
+    caption_key = key_ids[image]
+    negative = torch.zeros(n)
+    drawn = torch.zeros(n, n)  # [caption, caption whose text it was given as a negative]
+    steps = 4000
+    for step in range(steps):
+        pairs = balanced_pairs(caps, key_ids, step_generator(0, step, 0))
+        neg = pairs.labels == 0
+        assert (caption_key[pairs.text_index[neg]] != caption_key[neg]).all()
+        negative += neg.float()
+        drawn[torch.nonzero(neg).flatten(), pairs.text_index[neg]] += 1
+
+    def close(count: float, total: float, p: float) -> bool:
+        return abs(count / total - p) <= 5 * (p * (1 - p) / total) ** 0.5
+
+    assert close(float(negative.sum()), steps * n, 0.5)
+    keys = sorted(set(key_ids.tolist()))
+    for own in keys:
+        mine = caption_key == own
+        per_key = {k: float(drawn[mine][:, caption_key == k].sum()) for k in keys}
+        assert per_key[own] == 0
+        total = sum(per_key.values())
+        assert all(close(per_key[k], total, 1 / 3) for k in keys if k != own), (own, per_key)
+    for key in keys:  # the captions of one image equally likely (image 10's span two batch rows)
+        given = drawn[:, caption_key == key].sum(dim=0)
+        assert all(close(float(g), float(given.sum()), 1 / len(given)) for g in given), (key, given)
 
 
 def test_pairs_are_deterministic_for_seed_step_rank(tiny_shards):
@@ -166,3 +227,25 @@ def test_read_split_returns_every_val_image(tiny_shards):
     manifest = json.loads((tiny_shards / "manifest.json").read_text())
     samples = read_split(tiny_shards, "val")
     assert len(samples) == manifest["splits"]["val"]["images"]
+
+
+def test_loader_prefetch_fits_the_shared_memory_or_names_the_shm_size_needed(caplog):
+    from itsim.data.loader import SHM, batch_nbytes, plan_prefetch, shm_free
+    from itsim.errors import UserError
+
+    batch = batch_nbytes(256, 299, 5, 100)
+    assert 68e6 < batch < 70e6  # the issue's "69 MB uint8 batch", plus its token ids
+    gb = 10**9
+    # 8 ranks x 12 workers in a container's default 64 MB: refused before any worker starts, with the fix
+    with pytest.raises(UserError, match=r"--shm-size=\d+g or --ipc=host"):
+        plan_prefetch(batch, 12, 8, 64 * 2**20)
+    assert plan_prefetch(batch, 12, 8, 1000 * gb) == 4  # --ipc=host on a big node: the full prefetch
+    assert plan_prefetch(batch, 8, 8, 21 * gb) == 4  # (8 x 4 + 2) x 69 MB x 8 ranks = 18.8 GB fits 21 x 0.9
+    assert plan_prefetch(batch, 8, 8, 20 * gb) == 3  # ... but not 20 x 0.9
+    with caplog.at_level("WARNING"):
+        assert plan_prefetch(batch, 8, 8, 12 * gb) == 2  # lowered, with a warning
+    assert "prefetch lowered from 4 to 2" in caplog.text
+    assert plan_prefetch(batch, 0, 8, 0) == 4  # no workers: batches never cross shared memory
+    assert plan_prefetch(batch, 8, 8, None) == 4  # no /dev/shm on this system: nothing to size
+    free = shm_free()
+    assert free is None or (free > 0 and SHM == "/dev/shm")

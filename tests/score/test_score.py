@@ -255,6 +255,26 @@ def test_repeated_images_are_encoded_once_per_batch_and_score_as_row_by_row(data
     np.testing.assert_allclose(scores[ok], one_by_one, atol=1e-5, rtol=0)
 
 
+def test_scorer_head_runs_in_fp32_under_bf16_autocast(data):
+    """The head of every scoring path is fp32 whatever the autocast around it (on a GPU the encoders run in
+    bf16): under CPU bf16 autocast the matrix from the same vectors equals the fp32 one exactly, and each
+    row's score is the fp32 head over the (autocast) encoder outputs."""
+    scorer = _scorer(data)
+    prep = scorer.prepare([f"sub/img{i:03d}.jpg" for i in range(12)], [_caption(i) for i in range(12)])
+    image_vecs, text_vecs = scorer.encode_images(prep.pixels), scorer.encode_texts(prep.ids, prep.lengths)
+    fp32 = scorer.matrix_from_vectors(image_vecs, text_vecs)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        mixed = scorer.matrix_from_vectors(image_vecs, text_vecs)
+        rows = scorer.score_prepared(prep)
+        with torch.inference_mode():
+            image_16 = scorer.model.encode_image(torch.from_numpy(prep.pixels))
+            text_16 = scorer.model.encode_text(torch.from_numpy(prep.ids), prep.lengths)
+    assert np.array_equal(mixed, fp32)
+    with torch.inference_mode():
+        expected = torch.sigmoid(scorer.model.fusion(image_16.float(), text_16.float())).numpy()
+    assert np.array_equal(rows, expected)
+
+
 def test_ray_actor_encodes_each_image_once_across_regrouped_preprocessed_blocks(data, ray_local):
     """Two blocks preprocessed apart and joined (as Ray may regroup rows) share image keys: the actor's
     CNN sees each distinct image once, and its output columns are the input's plus `score`, `error`."""
@@ -297,6 +317,42 @@ def test_plan_resources_leaves_cpu_for_reads_and_uses_gpus():
     assert (gpu.workers, gpu.gpus_per_worker, gpu.cpus_per_worker) == (4, 1.0, 1.0)
     with pytest.raises(UserError, match="GPU"):
         plan_resources(ScoreConfig(gpus_per_worker=1), {"CPU": 4})
+
+
+def test_actor_inputs_are_read_from_arrow_without_copying_and_gathered_once():
+    """A GPU actor's pixels: the Arrow block viewed in place (combine_chunks copied the whole column), then one
+    gather of the rows it encodes (straight into pinned memory on CUDA)."""
+    import pyarrow as pa
+    from ray.data.extensions import ArrowTensorArray
+
+    from itsim.model.encode import rows_to_device
+    from itsim.score.columns import tensor_column
+
+    pixels = np.random.default_rng(0).integers(0, 256, (6, 4, 4, 3), dtype=np.uint8)
+    table = pa.table({"px": ArrowTensorArray.from_numpy(pixels)})
+    view = tensor_column(table, "px")
+    assert np.array_equal(view, pixels) and np.shares_memory(view, table.column("px").chunk(0).to_numpy())
+    two = pa.concat_tables([table.slice(0, 2), table.slice(2)])
+    assert two.column("px").num_chunks == 2 and np.array_equal(tensor_column(two, "px"), pixels)
+    rows = np.array([4, 0, 4])
+    assert torch.equal(rows_to_device(view, rows, torch.device("cpu")), torch.from_numpy(pixels[rows]))
+    if torch.cuda.is_available():
+        assert torch.equal(rows_to_device(view, rows, torch.device("cuda")).cpu(), torch.from_numpy(pixels[rows]))
+
+
+@pytest.mark.parametrize("cluster,actor_cpus", [({"CPU": 16, "GPU": 1}, 2.0), ({"CPU": 64, "GPU": 8}, 1.0),
+                                                 ({"CPU": 192, "GPU": 8}, 2.0), ({"CPU": 512, "GPU": 4}, 4.0),
+                                                 ({"CPU": 2, "GPU": 1}, 1.0), ({"CPU": 1, "GPU": 1}, 0.25)])
+def test_gpu_actors_get_a_tenth_of_their_gpus_cpu_share_and_the_rest_preprocesses(cluster, actor_cpus):
+    """One actor per GPU, about a tenth of the GPU's share of the CPUs (1 to 4) and as many torch threads for
+    its gather into pinned memory; the rest is left to the CPU preprocessing tasks and the reads."""
+    res = plan_resources(ScoreConfig(), cluster)
+    assert (res.workers, res.gpus_per_worker, res.cpus_per_worker) == (cluster["GPU"], 1.0, actor_cpus)
+    assert res.threads == max(1, int(actor_cpus))
+    left = cluster["CPU"] - res.workers * res.cpus_per_worker
+    assert left >= 0.5 and res.read_cpus == min(0.25, left / 2) and 0 < res.prep_cpus <= 1.0
+    if cluster["CPU"] >= 16:
+        assert left >= 0.85 * cluster["CPU"]  # most CPUs decode and resize for the GPUs
 
 
 @pytest.mark.timeout(300)

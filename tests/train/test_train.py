@@ -163,8 +163,9 @@ def _wait_for(path: Path, proc: subprocess.Popen, timeout: float = 120) -> None:
 
 
 @pytest.mark.slow
-def test_resume_after_sigkill_ends_with_the_same_parameters(tiny_shards, tmp_path):
-    steps = ["--steps", "12", "--checkpoint-every", "3"]
+@pytest.mark.parametrize("data", ["streaming", "on-device"])
+def test_resume_after_sigkill_ends_with_the_same_parameters(tiny_shards, tmp_path, data):
+    steps = ["--steps", "12", "--checkpoint-every", "3", *(["--data-on-device"] if data == "on-device" else [])]
     subprocess.run(_train_cmd(tiny_shards, tmp_path / "a", *steps), check=True, env=ENV, capture_output=True)
 
     proc = subprocess.Popen(_train_cmd(tiny_shards, tmp_path / "b", *steps), env=ENV, stdout=subprocess.PIPE,
@@ -195,6 +196,7 @@ def test_sigterm_finishes_the_step_writes_a_checkpoint_and_exits_zero(tiny_shard
     assert len(found) == 1
     state = checkpoint.verify(found[0])
     assert 0 < state["step"] < 100000
+    assert state["step"] % 2 == 0  # the ranks agree on stopping at log steps (--log-every 2) only
 
 
 def test_resume_auto_ignores_incomplete_and_corrupt_checkpoints(tiny_shards, tmp_path, caplog):
@@ -254,6 +256,72 @@ def test_two_processes_train_in_sync_on_disjoint_data_with_one_checkpoint_writer
     assert sorted(last) == sorted(exported) and all(torch.equal(last[k], exported[k]) for k in exported)
 
 
+CHOOSER = """
+import json, sys
+from pathlib import Path
+import torch
+from accelerate import Accelerator
+from itsim.errors import UserError
+from itsim.train.checkpoint import choose_resume
+
+base = Path(sys.argv[1])
+acc = Accelerator()
+rank = acc.process_index
+out = {}
+# Each rank lists its own folder: rank 1 sees a newer checkpoint than rank 0 (as NFS attribute caching can make it).
+found = choose_resume(acc, base / f"view{rank}", "auto")
+out["auto"] = [str(found[0]), found[1]["step"]]
+try:  # a bad --resume path on the main process reaches every rank as the same error, nobody hangs
+    choose_resume(acc, base / f"view{rank}", str(base / "missing" if rank == 0 else base / "view1" / "step_0000006"))
+    out["error"] = None
+except UserError as exc:
+    out["error"] = str(exc)
+(base / f"rank{rank}.json").write_text(json.dumps(out))
+acc.wait_for_everyone()
+torch.distributed.destroy_process_group()  # else gloo's threads can abort the exit ("terminate called ...")
+"""
+
+
+def _fake_checkpoint(folder: Path, step: int) -> None:
+    """A complete checkpoint folder as `verify` checks it: one file and its recorded checksum."""
+    from itsim.io import sha256_file
+
+    path = folder / checkpoint.checkpoint_name(step)
+    path.mkdir(parents=True)
+    (path / "model.safetensors").write_bytes(b"weights %d" % step)
+    (path / checkpoint.STATE_FILE).write_text(json.dumps(
+        {"step": step, "files": {"model.safetensors": sha256_file(path / "model.safetensors")}}))
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_resume_choice_is_made_by_rank_0_and_broadcast_when_ranks_see_different_checkpoints(tmp_path):
+    for step in (2, 4):
+        _fake_checkpoint(tmp_path / "view0", step)
+    for step in (2, 4, 6):
+        _fake_checkpoint(tmp_path / "view1", step)
+    script = tmp_path / "choose.py"
+    script.write_text(CHOOSER)
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "29533",
+           str(script), str(tmp_path)]
+    done = subprocess.run(cmd, env={**ENV, "ACCELERATE_USE_CPU": "1", "HF_HOME": str(tmp_path / "hf")},
+                          capture_output=True, text=True, timeout=240)
+    assert done.returncode == 0, done.stderr[-3000:]
+    results = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    for r in results:
+        assert r["auto"] == [str(tmp_path / "view0" / "step_0000004"), 4]  # rank 0's choice on both ranks
+        assert r["error"] and "no such checkpoint folder" in r["error"]
+    assert results[0]["error"] == results[1]["error"]
+
+
+def test_data_on_device_is_refused_when_the_split_exceeds_the_budget(tiny_shards, tmp_path):
+    done = subprocess.run(_train_cmd(tiny_shards, tmp_path / "run", "--steps", "2", "--data-on-device",
+                                     "--device-memory-gb", "0.0001"), env=ENV, capture_output=True, text=True)
+    assert done.returncode == 2 and "Traceback" not in done.stderr
+    assert "--data-on-device: the train split needs" in done.stderr and "--device-memory-gb 0.0001" in done.stderr
+
+
 def test_world_size_without_distributed_launch_is_refused(tiny_shards, tmp_path):
     done = subprocess.run(_train_cmd(tiny_shards, tmp_path / "run", "--steps", "2"),
                           env={**ENV, "WORLD_SIZE": "2"}, capture_output=True, text=True, timeout=120)
@@ -272,3 +340,53 @@ def test_cpu_threads_come_from_the_flag_then_omp_num_threads_then_the_cores_per_
     monkeypatch.delenv("OMP_NUM_THREADS")
     assert _cpu_threads(TrainConfig(workers=2), 1) == cpus
     assert _cpu_threads(TrainConfig(), 2) == max(1, cpus // 2)
+
+
+def test_cudnn_autotuning_is_set_for_cuda_devices_only():
+    """Training shapes are fixed, so cuDNN's algorithm search pays back; setting the flag needs no GPU."""
+    from itsim.train.runtime import configure_backends
+
+    before = torch.backends.cudnn.benchmark
+    try:
+        torch.backends.cudnn.benchmark = False
+        configure_backends(torch.device("cpu"))
+        assert torch.backends.cudnn.benchmark is False
+        configure_backends(torch.device("cuda", 0))
+        assert torch.backends.cudnn.benchmark is True
+    finally:
+        torch.backends.cudnn.benchmark = before
+
+
+def _tiny_cfg(tiny_shards, out: Path, **kw):
+    from itsim.train import TrainConfig
+
+    args = dict(shards=str(tiny_shards), out=str(out), steps=12, batch_size=16, workers=1, eval_every=0,
+                log_every=1000, warmup_steps=2, tensorboard=False, channels=(8, 16), embed_dim=16, lstm_hidden=16,
+                lstm_layers=2, text_dim=32, image_dim=32, head_dim=16, augment="crop,flip")
+    args.update(kw)
+    return TrainConfig(**args)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("pairs,negatives,extra", [
+    ("balanced", "random", {}), ("in-batch", "hard", {}), ("in-batch", "random", {"channels_last": True}),
+    ("in-batch", "hard", {"data_on_device": True})])
+def test_training_steps_never_wait_for_the_gpu(tiny_shards, tmp_path, pairs, negatives, extra):
+    """Between log steps a training step issues no host-GPU synchronisation: lengths stay on the host,
+    loss and accuracy stay on the device, the stop flag is read at log steps only. Two warm-up steps
+    (cuDNN autotuning, allocator growth), then three steps with torch's sync debug mode set to error."""
+    from itsim.train.loop import Window, add_to_window, setup, train_step
+
+    run = setup(_tiny_cfg(tiny_shards, tmp_path / "run", pairs=pairs, negatives=negatives, **extra))
+    run.model.train()
+    batches, window = iter(run.loader), Window()
+    for i in range(2):
+        add_to_window(window, *train_step(run, next(batches), i), 16, 0.0, 1.0)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for i in range(2, 5):
+            add_to_window(window, *train_step(run, next(batches), i), 16, 0.0, 1.0)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert math.isfinite(float(window.loss)) and float(window.correct) > 0
