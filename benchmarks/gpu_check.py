@@ -1,6 +1,6 @@
 """One-command GPU acceptance run: train, resume, score on one GPU and write one JSON file and a table.
 
-    python benchmarks/gpu_check.py --out gpu_check.json        # one GPU, about 3-5 minutes (target: < 8)
+    python benchmarks/gpu_check.py --out gpu_check.json        # one GPU; target < 8 minutes (not yet run on one)
     python benchmarks/gpu_check.py --tiny --out check.json     # CPU, fp32, tiny sizes (the test suite's run)
 
 What it runs, each part as users run it (the trainer and the scorer are the project's own code):

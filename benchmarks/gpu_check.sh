@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The one-command GPU acceptance run (see benchmarks/gpu_check.py): about 3-5 minutes on one H200.
+# The one-command GPU acceptance run (see benchmarks/gpu_check.py); target: under 8 minutes on one H200 (not yet run on one).
 #   benchmarks/gpu_check.sh [--out gpu_check.json] [--steps 300]
 # PYTHON (default: .venv/bin/python if present, else python3) runs it; the JSON and a Markdown table are written.
 set -euo pipefail

@@ -41,7 +41,10 @@ ACCELERATE_CONFIG=$ITSIM_ROOT/launch/accelerate/multi_node.yaml
 PYTHON=${PYTHON:-python3}
 NNODES=$SLURM_JOB_NUM_NODES
 GPUS_PER_NODE=${GPUS_PER_NODE:-${SLURM_GPUS_ON_NODE:-8}}
-MASTER_ADDR=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)
+# Not `scontrol ... | head -n 1`: under pipefail, scontrol killed by SIGPIPE once head has exited (a race,
+# likelier with many nodes) would end the script with status 141.
+HOSTS=$(scontrol show hostnames "$SLURM_JOB_NODELIST")
+MASTER_ADDR=${HOSTS%%$'\n'*}
 MASTER_PORT=${MASTER_PORT:-$((20000 + SLURM_JOB_ID % 20000))}
 DIST_TIMEOUT=${DIST_TIMEOUT:-600}
 CPUS_PER_TASK=${SLURM_CPUS_PER_TASK:?sbatch --cpus-per-task is not set: every node needs its CPUs for the loaders}

@@ -221,11 +221,12 @@ def test_slurm_script_refuses_to_run_outside_slurm(tmp_path):
 
 def _fake_slurm_bin(tmp_path: Path) -> Path:
     """Stand-ins for the two SLURM commands the script calls: `scontrol show hostnames` prints two hosts,
-    `srun` writes its arguments (one per line) to $SRUN_ARGS and exits 0."""
+    `srun` writes its arguments (one per line) to $SRUN_ARGS, the exported MASTER_ADDR beside it, and exits 0."""
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
     (bin_dir / "scontrol").write_text("#!/usr/bin/env bash\nprintf 'node1\\nnode2\\n'\n")
-    (bin_dir / "srun").write_text('#!/usr/bin/env bash\nprintf \'%s\\n\' "$@" > "$SRUN_ARGS"\n')
+    (bin_dir / "srun").write_text('#!/usr/bin/env bash\nprintf \'%s\\n\' "$@" > "$SRUN_ARGS"\n'
+                                  'printf \'%s\\n\' "$MASTER_ADDR" > "$SRUN_ARGS.master"\n')
     for f in bin_dir.iterdir():
         f.chmod(0o755)
     return bin_dir
@@ -244,6 +245,7 @@ def test_slurm_script_passes_cpus_per_task_to_srun(tmp_path):
     args = (tmp_path / "srun.args").read_text().splitlines()
     assert "--cpus-per-task=96" in args and "--nodes=2" in args, args
     assert args[-2:] == ["--epochs", "3"]  # the user's flags still reach itsim.train
+    assert (tmp_path / "srun.args.master").read_text() == "node1\n"  # the first host of the job's node list
     del env["SLURM_CPUS_PER_TASK"]
     done = subprocess.run(["bash", str(LAUNCH / "slurm_train.sh")], env=env, capture_output=True, text=True, timeout=30)
     assert done.returncode != 0 and "--cpus-per-task" in done.stderr
