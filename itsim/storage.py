@@ -326,3 +326,46 @@ def sha256_of(url: str, options: Mapping[str, Any] | None = None) -> str:
         while block := f.read(1 << 20):
             h.update(block)
     return h.hexdigest()
+
+
+def require_local(path: Any, what: str) -> str:
+    """`path` unchanged when it is a local path; a URL is refused for a place that takes only local paths
+    (rather than becoming a local folder named `s3:`)."""
+    text = os.fspath(path)
+    if is_url(text) and not text.lower().startswith("file://"):
+        raise StorageError(f"{what}: {scrub(text)}: this takes a local path, not a URL", "unsupported")
+    return resolve(text).path
+
+
+def files_under(url: str, options: Mapping[str, Any] | None = None) -> list[str]:
+    """Every file below a folder/prefix, as sorted `/`-separated paths relative to it; [] when none."""
+    loc = resolve(url, options)
+    try:
+        with errors(url, loc.options):
+            if loc.fs is None:
+                root = Path(loc.path)
+                return sorted(p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file())
+            base = loc.path.rstrip("/") + "/"
+            found = loc.fs.find(loc.path)
+            return sorted(p[len(base):] for p in found if p.startswith(base) and not p.endswith("/"))
+    except NotFound:
+        return []
+
+
+def download_tree(url: str, local_dir: str, options: Mapping[str, Any] | None = None) -> str:
+    """Copy every file below `url` into `local_dir` (each through a temp name); returns `local_dir`."""
+    for name in files_under(url, options):
+        download(join(url, name), os.path.join(local_dir, *name.split("/")), options)
+    return local_dir
+
+
+def upload_tree(local_dir: str, url: str, options: Mapping[str, Any] | None = None,
+                last: tuple[str, ...] = ()) -> list[str]:
+    """Copy every file below `local_dir` to `url`, the relative paths in `last` after all others (in that
+    order): a reader that waits for the last one (a checksummed state file) never sees a part."""
+    root = Path(local_dir)
+    names = sorted(p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file())
+    ordered = [n for n in names if n not in last] + [n for n in last if n in names]
+    for name in ordered:
+        upload_file(str(root / name), join(url, name), options)
+    return ordered

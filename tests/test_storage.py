@@ -429,3 +429,31 @@ def test_config_never_saves_or_prints_secret_fields(tmp_path):
     assert str(err.value) == "option storage_options: not a JSON object (Expecting value at character 11)"
     with pytest.raises(ValueError, match="^option storage_options: not a JSON object$"):
         config.build(_Cfg, None, {"storage_options": "[1, 2]"})
+
+
+@pytest.mark.parametrize("remote", [False, True])
+def test_trees_upload_with_state_last_and_download_whole(remote, request, tmp_path):
+    base = request.getfixturevalue("s3").url("run") if remote else str(tmp_path / "store")
+    opts = request.getfixturevalue("s3").options if remote else None
+    src = tmp_path / "src"
+    (src / "ckpt" / "model").mkdir(parents=True)
+    (src / "ckpt" / "model" / "w.bin").write_bytes(b"\x00" * 1000)
+    (src / "ckpt" / "state.json").write_text("{}")
+    (src / "ckpt" / "z.txt").write_text("z")
+    order = storage.upload_tree(str(src), base, opts, last=("ckpt/state.json",))
+    assert order == ["ckpt/model/w.bin", "ckpt/z.txt", "ckpt/state.json"]
+    assert storage.files_under(base, opts) == ["ckpt/model/w.bin", "ckpt/state.json", "ckpt/z.txt"]
+    assert storage.files_under(storage.join(base, "ckpt", "model"), opts) == ["w.bin"]
+    assert storage.files_under(storage.join(base, "nothing"), opts) == []
+    out = storage.download_tree(storage.join(base, "ckpt"), str(tmp_path / "down"), opts)
+    assert (Path(out) / "model" / "w.bin").read_bytes() == b"\x00" * 1000
+    assert (Path(out) / "state.json").read_text() == "{}"
+
+
+def test_require_local_refuses_urls_and_unwraps_file_urls():
+    with pytest.raises(StorageError, match="--out: s3://b/x: this takes a local path"):
+        storage.require_local("s3://b/x", "--out")
+    assert storage.require_local("file:///tmp/x", "--out") == "/tmp/x"
+    assert storage.require_local("runs/x", "--out") == "runs/x"
+    with pytest.raises(StorageError, match="lost a '/'"):
+        storage.require_local("s3:/b/x", "--out")
