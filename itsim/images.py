@@ -10,9 +10,13 @@ import io
 import struct
 import warnings
 from pathlib import Path
+from typing import Any, Mapping
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
+
+from itsim import storage
+from itsim.storage_errors import NotFound, StorageError
 
 RESIZE_MODES = ("stretch", "center_crop", "pad")
 # 64 Mpx: well above any real photograph, far below what a decompression bomb expands to.
@@ -162,3 +166,30 @@ def decode_rgb(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
 
 def to_array(img: Image.Image) -> np.ndarray:
     return np.asarray(img, dtype=np.uint8)
+
+
+def image_url(root: str | None, name: Any) -> str:
+    """The URL of image `name`: `name` itself when it is a URL and there is no root, else `name` under the
+    URL `root`, refusing a name that would leave it (`..`, absolute, a URL) as `safe_path` does for a folder."""
+    if not isinstance(name, str) or not name.strip():
+        raise ImageError("bad_name", repr(name))
+    if root is None:
+        return name
+    try:
+        return storage.join(root, name)
+    except StorageError:
+        raise ImageError("path_escape", f"{name!r} is not a name under {storage.scrub(root)}") from None
+
+
+def read_url(url: str, options: Mapping[str, Any] | None = None) -> bytes:
+    """An image's bytes from a store; a missing object is `missing` as for a file, any other store failure
+    `store_<reason>` (`store_denied`, `store_unreachable`, ...), so it costs its row, not the job."""
+    try:
+        data = storage.read_bytes(url, options)
+    except NotFound:
+        raise ImageError("missing", storage.scrub(url)) from None
+    except StorageError as exc:
+        raise ImageError(f"store_{exc.reason}", str(exc)) from None
+    if not data:
+        raise ImageError("empty_file", storage.scrub(url))
+    return data

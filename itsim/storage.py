@@ -369,3 +369,33 @@ def upload_tree(local_dir: str, url: str, options: Mapping[str, Any] | None = No
     for name in ordered:
         upload_file(str(root / name), join(url, name), options)
     return ordered
+
+
+class PortableOptions(dict):
+    """Storage options that travel to other processes (Ray tasks and actors, maybe on other nodes); the
+    repr hides the values, so a task's arguments printed in a log or an error never show a credential."""
+
+    def __repr__(self) -> str:
+        return f"PortableOptions(<{len(self)} stores, values not shown>)"
+
+
+def portable_options(options: Mapping[str, Any] | None = None) -> PortableOptions:
+    """This process's options for every remote store (`$ITSIM_STORAGE_OPTIONS` < `options`), keyed by
+    protocol and merged as `options_for` merges them: what a process elsewhere needs to reach the same
+    stores as this one even without this process's environment. The stores' own credential sources
+    (environment, config files, instance roles) still apply on each node."""
+    return PortableOptions({protocol: options_for(protocol, options) for protocol in ("s3", "gs")})
+
+
+def is_remote(path: Any) -> bool:
+    """True for a store URL (`s3://...`); a local path and a `file://` URL are not remote."""
+    return is_url(path) and not path.lower().startswith("file://")
+
+
+def location(path: str) -> str:
+    """A store URL as written (checked, without a trailing `/`), a local path or `file://` URL as an
+    absolute local path: how a command keeps an input or output place it hands on to other code."""
+    if is_remote(path):
+        resolve(path)  # an unsupported scheme is refused here, before any work
+        return path.rstrip("/")
+    return str(Path(resolve(path).path).resolve())

@@ -8,6 +8,11 @@ Every image and caption of the split is encoded once; everything else runs only 
   at the val threshold and at 0.5, with unloadable rows counted by reason.
 Results go to `EVAL_DIR/metrics.json` (flat keys) with ROC, score-histogram and training-curve PNGs, and
 `EVAL_DIR/report.html` shows them beside example retrievals and the worst mistakes (see `report.py`).
+
+`--model`, `--out`, `--pairs` and `--images` may be store URLs (`s3://bucket/run/model`): the model is
+read through `itsim.storage` (`load_model`), a pair file is downloaded, images are read one by one,
+and a URL `--out` is written into a local staging folder, then uploaded with metrics.json last, so a
+reader that finds metrics.json finds the report and plots beside it.
 """
 from __future__ import annotations
 
@@ -16,6 +21,7 @@ import dataclasses
 import json
 import logging
 import math
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -24,14 +30,15 @@ import numpy as np
 import torch
 from PIL import Image
 
-from itsim import config
-from itsim.data.captions import read_pairs
+from itsim import config, storage
 from itsim.data.loader import iter_split, read_manifest, split_shards
 from itsim.data.pairs import fixed_balanced_pairs
 from itsim.errors import UserError
 from itsim.eval import metrics, plots
-from itsim.images import ImageError, load_image, resize, safe_path, to_array
+from itsim.images import resize, to_array
+from itsim.eval.pairfile import evaluate_pair_file, score_pairs, sigmoid
 from itsim.eval.report import PairScores, make_thumbnail, write_report
+from itsim.eval.staging import fetch, output_folder, parent
 from itsim.model import encode_captions, encode_images, load_model, resolve_device, score_all_pairs
 from itsim.progress import track
 from itsim.text import Vocab
@@ -42,15 +49,15 @@ log = logging.getLogger(__name__)
 
 @dataclasses.dataclass
 class EvalConfig:
-    model: str = dataclasses.field(default="", metadata={"help": "model directory (RUN/model)"})
+    model: str = dataclasses.field(default="", metadata={"help": "model directory or URL (RUN/model)"})
     shards: str = dataclasses.field(default="", metadata={"help": "shard folder with manifest.json"})
     split: str = dataclasses.field(default="test", metadata={"help": "split to evaluate (val or test)"})
     val_split: str = dataclasses.field(default="val", metadata={"help": "split the best threshold is chosen on"})
     pairs: str | None = dataclasses.field(
-        default=None, metadata={"help": "labelled pair file image<TAB>caption<TAB>match|no-match"})
-    images: str | None = dataclasses.field(default=None, metadata={"help": "image folder for --pairs"})
+        default=None, metadata={"help": "labelled pair file image<TAB>caption<TAB>match|no-match (path or URL)"})
+    images: str | None = dataclasses.field(default=None, metadata={"help": "image folder or URL for --pairs"})
     out: str | None = dataclasses.field(
-        default=None, metadata={"help": "output folder; default: <model dir parent>/eval"})
+        default=None, metadata={"help": "output folder or URL; default: <model dir parent>/eval"})
     batch_size: int = dataclasses.field(default=256, metadata={"help": "images or captions per encoder call"})
     seed: int = dataclasses.field(default=0, metadata={"help": "seed of the fixed balanced pairs"})
     retrieval_images: int = dataclasses.field(
@@ -64,6 +71,9 @@ class EvalConfig:
     plots: bool = dataclasses.field(default=True, metadata={"help": "write PNG plots"})
     report: bool = dataclasses.field(
         default=True, metadata={"help": "write report.html (metrics, plots, example retrievals, worst mistakes)"})
+    storage_options: dict | None = config.secret_field(
+        None, help="JSON object of extra store settings, e.g. {\"endpoint_url\": \"http://host:9000\"} (added to "
+                   "$ITSIM_STORAGE_OPTIONS; credentials come from the store's usual sources); never printed or saved")
 
 
 @dataclasses.dataclass
@@ -188,73 +198,10 @@ def encode_split(model: Any, vocab: Vocab, pre: Any, shards_dir: str | Path, spl
 
 # --- scoring with the head only ---------------------------------------------------------------
 
-@torch.inference_mode()
-def score_pairs(model: Any, image_vecs: torch.Tensor, caption_vecs: torch.Tensor, image_idx: np.ndarray,
-                caption_idx: np.ndarray, batch_size: int = 65536) -> np.ndarray:
-    """Logits of chosen (image, caption) pairs, as float64 numpy."""
-    out = []
-    for lo in range(0, len(image_idx), batch_size):
-        img = image_vecs[torch.tensor(image_idx[lo:lo + batch_size], device=image_vecs.device)]
-        cap = caption_vecs[torch.tensor(caption_idx[lo:lo + batch_size], device=caption_vecs.device)]
-        out.append(model.head(img, cap).double().cpu().numpy())
-    return np.concatenate(out) if out else np.zeros(0)
-
-
-def _sigmoid(logits: np.ndarray) -> np.ndarray:
-    return 1.0 / (1.0 + np.exp(-np.clip(logits, -500, 500)))
-
-
 def fixed_pair_scores(model: Any, enc: EncodedSplit, seed: int) -> tuple[np.ndarray, np.ndarray]:
     """(probabilities, labels) of the split's fixed balanced pairs (see data.pairs.fixed_balanced_pairs)."""
     image_idx, caption_idx, labels = fixed_balanced_pairs(enc.caption_to_image, seed)
-    return _sigmoid(score_pairs(model, enc.image_vecs, enc.caption_vecs, image_idx, caption_idx)), labels
-
-
-# --- labelled pair files ----------------------------------------------------------------------
-
-@torch.inference_mode()
-def evaluate_pair_file(model: Any, vocab: Vocab, pre: Any, pairs_path: str | Path, images_dir: str | Path,
-                       threshold: float, batch_size: int,
-                       device: torch.device) -> tuple[dict[str, Any], np.ndarray, np.ndarray]:
-    """Metrics of a labelled pair file at `threshold` and at 0.5; unusable rows counted by reason."""
-    df, report = read_pairs(pairs_path)
-    reasons = {f"parse_{k}": v for k, v in report.skipped.items()}
-    rows_per_image = df["image"].value_counts()
-    loaded: list[str] = []
-    vecs: list[torch.Tensor] = []
-    pending: list[np.ndarray] = []
-    names = sorted(rows_per_image.index)
-    for i, name in enumerate(track(names, "encode pair images", "img", logger=log, leave=False)):
-        try:
-            pending.append(to_array(load_image(safe_path(images_dir, name), pre.image_size, pre.resize)))
-            loaded.append(name)
-        except ImageError as exc:
-            reasons[f"image_{exc.reason}"] = reasons.get(f"image_{exc.reason}", 0) + int(rows_per_image[name])
-        if pending and (len(pending) >= batch_size or i == len(names) - 1):
-            vecs.append(encode_images(model, np.stack(pending), device, batch_size))
-            pending.clear()
-    usable = df[df["image"].isin(set(loaded))]
-    ids, lengths = vocab.encode(usable["caption"].tolist(), pre.max_len)
-    labels = usable["label"].to_numpy()
-    if len(usable):
-        position = {n: i for i, n in enumerate(loaded)}
-        image_idx = usable["image"].map(position).to_numpy()
-        text = encode_captions(model, ids, lengths, device, batch_size)
-        probs = _sigmoid(score_pairs(model, torch.cat(vecs), text, image_idx, np.arange(len(usable))))
-    else:
-        probs = np.zeros(0)
-    result: dict[str, Any] = {"pairs_rows": report.rows_in, "pairs_scored": int(len(usable)),
-                              "pairs_skipped": int(sum(reasons.values())), "pairs_skipped_reasons": reasons,
-                              "pairs_threshold": float(threshold), "pairs_roc_auc": metrics.roc_auc(probs, labels),
-                              "pairs_pr_auc": metrics.pr_auc(probs, labels)}
-    for suffix, t in (("", threshold), ("_at_0_5", 0.5)):
-        rep = metrics.classification_report(probs, labels, t)
-        for key in ("accuracy", "balanced_accuracy", "precision", "recall", "f1", "tn", "fp", "fn", "tp",
-                    "confusion_matrix"):
-            result[f"pairs_{key}{suffix}"] = rep[key]
-    if reasons:
-        log.warning("%s: %d of %d rows not scored %s", pairs_path, result["pairs_skipped"], report.rows_in, reasons)
-    return result, probs, labels
+    return sigmoid(score_pairs(model, enc.image_vecs, enc.caption_vecs, image_idx, caption_idx)), labels
 
 
 # --- the job ----------------------------------------------------------------------------------
@@ -348,13 +295,22 @@ def evaluate(cfg: EvalConfig) -> dict[str, Any]:
     """Run the evaluation described by `cfg`, write EVAL_DIR/metrics.json and plots; return the metrics."""
     config.check(cfg, ("model", "shards"), [(bool(cfg.pairs) == bool(cfg.images), "--pairs and --images go together"),
                                             (cfg.rank_by in ("head", "itc"), "--rank-by is head or itc")])
-    model_dir = Path(cfg.model).resolve()
-    out = Path(cfg.out) if cfg.out else model_dir.parent / "eval"
-    out.mkdir(parents=True, exist_ok=True)
+    storage.require_local(cfg.shards, "--shards")  # the shard loader reads local folders (see NOTES_launch.md)
+    model_dir = storage.location(cfg.model)
+    out = storage.location(cfg.out) if cfg.out else storage.join(parent(model_dir), "eval")
     log.info(config.describe(cfg))
+    with output_folder(out, cfg.storage_options) as folder, \
+            tempfile.TemporaryDirectory(prefix="itsim-eval-inputs-") as inputs:
+        result = _evaluate_into(cfg, folder, model_dir, inputs)
+    return {**result, "out": storage.scrub(out)}
+
+
+def _evaluate_into(cfg: EvalConfig, out: Path, model_dir: str, inputs: str) -> dict[str, Any]:
+    """The evaluation, its outputs written into the local folder `out`; stored inputs copied to `inputs`."""
+    opts = cfg.storage_options
     config.save(cfg, out / "eval_config.yaml")
     device = resolve_device(cfg.device)
-    model, vocab, pre = load_model(model_dir, device)
+    model, vocab, pre = load_model(model_dir, device, opts)
     model.eval()
     if cfg.rank_by == "itc" and getattr(model.cfg, "contrastive_dim", 0) <= 0:
         raise UserError("--rank-by itc needs a model trained with --contrastive-dim")
@@ -367,10 +323,10 @@ def evaluate(cfg: EvalConfig) -> dict[str, Any]:
     threshold, source = _threshold(cfg, model, vocab, pre, device, probs, labels)
     at_half = metrics.classification_report(probs, labels, 0.5)
     result: dict[str, Any] = {
-        "model": str(model_dir), "shards": str(Path(cfg.shards).resolve()), "split": cfg.split, "seed": cfg.seed,
-        "n_images": len(enc.keys), "n_captions": int(enc.caption_to_image.size), "n_pairs": int(labels.size),
-        "positive_pairs": int(labels.sum()), "skipped_samples": int(sum(enc.skipped.values())),
-        "skipped_reasons": enc.skipped,
+        "model": storage.scrub(model_dir), "shards": str(Path(cfg.shards).resolve()), "split": cfg.split,
+        "seed": cfg.seed, "n_images": len(enc.keys), "n_captions": int(enc.caption_to_image.size),
+        "n_pairs": int(labels.size), "positive_pairs": int(labels.sum()),
+        "skipped_samples": int(sum(enc.skipped.values())), "skipped_reasons": enc.skipped,
         "balanced_accuracy": at_half["balanced_accuracy"], "accuracy_at_0_5": at_half["accuracy"],
         "f1_at_0_5": at_half["f1"], "best_threshold": threshold, "threshold_source": source,
         "accuracy_at_best": metrics.accuracy(probs, labels, threshold),
@@ -381,14 +337,16 @@ def evaluate(cfg: EvalConfig) -> dict[str, Any]:
         "encode_text_seconds": round(enc.encode_text_seconds, 3),
     }
     if cfg.pairs:
-        pair_result, _, _ = evaluate_pair_file(model, vocab, pre, cfg.pairs, cfg.images, threshold,
-                                               cfg.batch_size, device)
+        pairs = fetch(storage.location(cfg.pairs), inputs, opts)
+        pair_result, _, _ = evaluate_pair_file(model, vocab, pre, pairs, storage.location(cfg.images), threshold,
+                                               cfg.batch_size, device, opts)
         result.update(pair_result)
     plot_files: list[Path] = []
     if cfg.plots:
+        curves = fetch(storage.join(parent(model_dir), "metrics.jsonl"), inputs, opts)
         written = [plots.plot_roc(probs, labels, out / "roc.png"),
                    plots.plot_score_hist(probs, labels, out / "score_hist.png", threshold),
-                   plots.plot_training_curves(model_dir.parent / "metrics.jsonl", out / "training_curves.png")]
+                   plots.plot_training_curves(curves, out / "training_curves.png")]
         plot_files = [p for p in written if p is not None]
         result["plots"] = [p.name for p in plot_files]
     result = _json_safe(result)
@@ -396,7 +354,7 @@ def evaluate(cfg: EvalConfig) -> dict[str, Any]:
     log.info("wrote %s", out / "metrics.json")
     if cfg.report:
         log.info("wrote %s", _write_report(out, result, enc, matrix, probs, labels, cfg.seed, plot_files))
-    return {**result, "out": str(out)}
+    return result
 
 
 SUMMARY_KEYS = ("n_images", "n_captions", "balanced_accuracy", "accuracy_at_best", "best_threshold", "roc_auc",

@@ -4,6 +4,8 @@ from __future__ import annotations
 import dataclasses
 from typing import Literal
 
+from itsim import storage
+from itsim.config import secret_field
 from itsim.images import DEFAULT_MAX_PIXELS
 
 # What a score run writes besides its Parquet files (an --overwrite run may replace exactly these).
@@ -12,12 +14,15 @@ OUR_OUTPUTS = ("_summary.json", "_config.yaml", "image_topk", "caption_topk", "t
 
 @dataclasses.dataclass
 class ScoreConfig:
-    model: str = dataclasses.field(default="", metadata={"help": "model directory (from itsim train)"})
+    model: str = dataclasses.field(default="", metadata={"help": "model directory or URL (RUN/model, from itsim train)"})
     input: tuple[str, ...] = dataclasses.field(
-        default=(), metadata={"help": "CSV/TSV/Parquet pair tables, shard folders or tars; globs allowed"})
-    output: str = dataclasses.field(default="", metadata={"help": "output folder (Parquet + _summary.json)"})
+        default=(), metadata={"help": "CSV/TSV/Parquet pair tables, shard folders or tars; paths or URLs "
+                                      "(s3://b/pairs/*.parquet); globs allowed"})
+    output: str = dataclasses.field(
+        default="", metadata={"help": "output folder or URL (Parquet parts, _summary.json written last)"})
     images: str | None = dataclasses.field(
-        default=None, metadata={"help": "folder that image paths are relative to (paths may not escape it)"})
+        default=None, metadata={"help": "folder or URL that image paths are relative to (paths may not escape it); "
+                                        "none: paths as written, and URLs in the table are read from their store"})
     address: str | None = dataclasses.field(
         default=None, metadata={"help": "Ray cluster (auto or ray://host:port); none = local Ray in-process"})
     workers: int | None = dataclasses.field(
@@ -40,3 +45,11 @@ class ScoreConfig:
     split: str | None = dataclasses.field(default=None, metadata={"help": "shards: only this split"})
     max_pixels: int = dataclasses.field(default=DEFAULT_MAX_PIXELS, metadata={"help": "refuse larger images"})
     overwrite: bool = dataclasses.field(default=False, metadata={"help": "replace an earlier output in --output"})
+    storage_options: dict | None = secret_field(
+        None, help="JSON object of extra store settings, e.g. {\"endpoint_url\": \"http://host:9000\"} (added to "
+                   "$ITSIM_STORAGE_OPTIONS; credentials come from the store's usual sources); never printed or saved")
+
+
+def images_root(cfg: ScoreConfig) -> str | None:
+    """`--images` as the jobs pass it on: a store URL as written, a folder (or `file://`) as an absolute path."""
+    return storage.location(cfg.images) if cfg.images else None

@@ -12,35 +12,37 @@ workers that stage would only copy every row's pixels between processes.
 
 Actor sizes and model shipping are in resources.py. Actor crashes are retried by Ray Data's own defaults for actor pools
 (`max_restarts=-1`, `max_task_retries=-1`); row errors never raise, so they are never retried.
+
+`--model`, `--input`, `--images`, image paths in a table and `--output` may be store URLs (`s3://...`);
+the driver lists and checks them, tasks and actors read and write through `itsim.storage` with the
+driver's storage options; how outputs are finalised (each part whole, `_summary.json` last) is in output.py.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
-import json
 import logging
 import os
-import shutil
 import sys
 import time
-from collections import Counter
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator, Mapping
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
-import pyarrow.dataset as pds
 import ray
+import yaml
 from ray.data.extensions import ArrowTensorArray
 
-from itsim import config
+from itsim import config, storage
 from itsim.errors import UserError
 from itsim.io import ray_session
 from itsim.model import Preprocess, load_model
 from itsim.progress import interactive
 from itsim.score.columns import IDS, IMAGE_KEY, JPG, LENGTHS, PIXELS, READ_ERROR, tensor_column
-from itsim.score.config import OUR_OUTPUTS, ScoreConfig
+from itsim.score.config import ScoreConfig, images_root
+from itsim.score.output import PartSink, count_output, prepare_output, write_summary, write_text
 from itsim.score.read import ScoreInputs, check_tables, detect_format, expand_inputs
 from itsim.score.resources import Resources, actor_options, plan_resources, put_model, scorer_from_files
 from itsim.score.scorer import Prepared, prepare_rows
@@ -52,11 +54,12 @@ log = logging.getLogger(__name__)
 # --- pipeline stages ------------------------------------------------------------------------------
 
 def prepare_block(table: pa.Table, *, pre: Preprocess, vocab: Vocab, image_col: str, caption_col: str,
-                  images_root: str | None, base_dir: str, max_pixels: int, from_bytes: bool) -> tuple[Any, pa.Table]:
+                  images_root: str | None, base_dir: str, max_pixels: int, from_bytes: bool,
+                  options: Mapping[str, Any] | None = None) -> tuple[Any, pa.Table]:
     """`prepare_rows` on a block: (model inputs, the block without the reader's internal columns)."""
     images = table.column(JPG if from_bytes else image_col).to_pylist()
     prep = prepare_rows(images, table.column(caption_col).to_pylist(), pre, vocab, images_root, max_pixels,
-                        table.column(READ_ERROR).to_pylist(), base_dir)
+                        table.column(READ_ERROR).to_pylist(), base_dir, options)
     return prep, table.drop_columns([c for c in (JPG, READ_ERROR) if c in table.column_names])
 
 
@@ -97,8 +100,8 @@ class ScoreActor:
 
 def prep_kwargs(cfg: ScoreConfig, pre: Preprocess, vocab: Vocab, from_bytes: bool) -> dict[str, Any]:
     return {"pre": pre, "vocab": vocab, "image_col": cfg.image_col, "caption_col": cfg.caption_col,
-            "images_root": str(Path(cfg.images).resolve()) if cfg.images else None, "base_dir": os.getcwd(),
-            "max_pixels": cfg.max_pixels, "from_bytes": from_bytes}
+            "images_root": images_root(cfg), "base_dir": os.getcwd(), "max_pixels": cfg.max_pixels,
+            "from_bytes": from_bytes, "options": storage.portable_options(cfg.storage_options)}
 
 
 def read_blocks(cfg: ScoreConfig, res: Resources, source: Any) -> Any:
@@ -139,38 +142,29 @@ def quiet_progress_bars() -> None:
         ray.data.DataContext.get_current().enable_progress_bars = False
 
 
-# --- output ---------------------------------------------------------------------------------------
+# --- errors ---------------------------------------------------------------------------------------
 
-def prepare_output(out: Path, overwrite: bool) -> None:
-    if out.exists() and not out.is_dir():
-        raise UserError(f"--output {out} is a file")
-    existing = [p for p in out.iterdir()] if out.exists() else []
-    if existing and not overwrite:
-        raise UserError(f"--output {out} is not empty; pass --overwrite to replace an earlier score run")
-    for p in existing:
-        if p.name in OUR_OUTPUTS or p.suffix == ".parquet":
-            shutil.rmtree(p) if p.is_dir() else p.unlink()
-        else:
-            raise UserError(f"--output {out} holds {p.name}, which itsim score did not write; choose another folder")
-    out.mkdir(parents=True, exist_ok=True)
-
-
-def count_output(out: Path) -> dict[str, Any]:
-    """Rows, scored rows and errors by reason, reading only those two columns back."""
-    rows = scored = 0
-    errors: Counter[str] = Counter()
-    files = sorted(str(p) for p in out.glob("*.parquet"))
-    for batch in pds.dataset(files, format="parquet").to_batches(columns=["score", "error"]) if files else []:
-        rows += batch.num_rows
-        scored += batch.num_rows - batch.column("score").null_count
-        for item in pc.value_counts(batch.column("error")).to_pylist():
-            if item["values"] is not None:
-                errors[item["values"]] += item["counts"]
-    return {"rows": rows, "scored": scored, "errors": dict(sorted(errors.items()))}
+@contextlib.contextmanager
+def user_errors_from_ray() -> Iterator[None]:
+    """A UserError raised inside a Ray task or actor (a StorageError naming a URL) reaches the user as
+    its own one line: Ray wraps it in a RayTaskError whose text is the remote traceback."""
+    try:
+        yield
+    except Exception as exc:  # noqa: BLE001 - re-raised unless a UserError is inside
+        seen, todo = set(), [exc]
+        while todo:
+            e = todo.pop()
+            if e is None or id(e) in seen:
+                continue
+            seen.add(id(e))
+            if isinstance(e, UserError) and not isinstance(e, ray.exceptions.RayTaskError):
+                raise e from None
+            todo += [getattr(e, "cause", None), e.__cause__, e.__context__]
+        raise
 
 
 def run_pairs(cfg: ScoreConfig, res: Resources, source: Any, pre: Preprocess, vocab: Vocab,
-              model_ref: list[Any], out: Path) -> dict[str, Any]:
+              model_ref: list[Any], out: str | Path) -> dict[str, Any]:
     from_bytes = source.fmt == "shards"
     if res.gpus_per_worker > 0:  # CPU tasks decode while the GPUs score
         ds, actor_prep = prepared_dataset(cfg, res, source, pre, vocab, from_bytes), None
@@ -180,50 +174,63 @@ def run_pairs(cfg: ScoreConfig, res: Resources, source: Any, pre: Preprocess, vo
         "model_ref": model_ref, "threads": res.threads, "use_gpu": res.gpus_per_worker > 0,
         "batch_size": cfg.batch_size, "prep_kwargs": actor_prep}, batch_format="pyarrow",
         batch_size=cfg.batch_size, **actor_options(res))
-    ds.write_parquet(str(out), min_rows_per_file=max(cfg.batch_size, 100_000))
-    return count_output(out)
+    ds.write_datasink(PartSink(out, max(cfg.batch_size, 100_000), cfg.storage_options))
+    return count_output(out, cfg.storage_options)
 
 
-def run_score(cfg: ScoreConfig) -> dict[str, Any]:
-    """Run the job described by `cfg`; returns (and writes) the summary."""
+def check_inputs(cfg: ScoreConfig) -> tuple[Vocab, Preprocess, list[Any], str, dict | None]:
+    """Everything the driver checks before any Ray work: the model, images root and inputs (listing a
+    store also checks its bucket and credentials). Returns (vocab, preprocessing, files, format, columns)."""
     config.check(cfg, ("model", "output"), [(cfg.batch_size >= 1, "--batch-size must be at least 1"),
                                             (cfg.k >= 1, "--k must be at least 1")])
-    if cfg.images and not Path(cfg.images).is_dir():
+    opts = cfg.storage_options
+    if cfg.images and storage.is_remote(cfg.images):
+        if not storage.ls(cfg.images, opts):
+            raise UserError(f"--images {storage.scrub(cfg.images)}: nothing stored under this prefix")
+    elif cfg.images and not Path(storage.resolve(cfg.images).path).is_dir():
         raise UserError(f"--images {cfg.images}: no such folder")
-    _, vocab, pre = load_model(cfg.model, "cpu")  # validates the model folder before any Ray work
-    files = expand_inputs(cfg.input, cfg.split)
+    _, vocab, pre = load_model(cfg.model, "cpu", opts)  # validates the model folder before any Ray work
+    files = expand_inputs(cfg.input, cfg.split, opts)
     fmt = detect_format(files, cfg.format)
     if cfg.columns and fmt == "shards":
         raise UserError("--columns names the columns of headerless CSV/TSV tables; shards have none")
-    columns = None if fmt == "shards" else check_tables(files, fmt, (cfg.image_col, cfg.caption_col), cfg.columns)
-    out = Path(cfg.output).resolve()
-    prepare_output(out, cfg.overwrite)
-    config.save(cfg, out / "_config.yaml")
+    columns = None if fmt == "shards" else check_tables(files, fmt, (cfg.image_col, cfg.caption_col), cfg.columns,
+                                                        opts)
+    return vocab, pre, files, fmt, columns
+
+
+def run_score(cfg: ScoreConfig) -> dict[str, Any]:
+    """Run the job described by `cfg`; returns (and writes, last) the summary."""
+    vocab, pre, files, fmt, columns = check_inputs(cfg)
+    opts = cfg.storage_options
+    out = storage.location(cfg.output)
+    prepare_output(out, cfg.overwrite, opts)
+    write_text(out, "_config.yaml", yaml.safe_dump(config.to_dict(cfg), sort_keys=False), opts)
     log.info("%s", config.describe(cfg))
     start = time.perf_counter()
-    with ray_session(cfg.address):
+    with ray_session(cfg.address), user_errors_from_ray():
         started = time.perf_counter()
         res = plan_resources(cfg, ray.cluster_resources())
         log.info("scoring %d %s file(s) with %d worker(s) x %g CPU, %g GPU (torch threads %d); "
                  "preprocessing tasks %g CPU", len(files), fmt, res.workers, res.cpus_per_worker,
                  res.gpus_per_worker, res.threads, res.prep_cpus)
-        model_ref = put_model(cfg.model)
+        model_ref = put_model(cfg.model, opts)
         quiet_progress_bars()
         log.info("%s", RAY_ACTOR_ARGS_NOTE)
         if cfg.mode == "topk":
             counts = run_topk(cfg, res, files, fmt, columns, pre, vocab, model_ref, out)
         else:
-            source = ScoreInputs(files, fmt, cfg.batch_size, columns)
+            source = ScoreInputs(files, fmt, cfg.batch_size, columns, options=opts)
             counts = run_pairs(cfg, res, source, pre, vocab, model_ref, out)
         job = time.perf_counter() - started
     seconds = time.perf_counter() - start
     # rows/s over the job itself: starting a local Ray takes seconds that do not grow with the input.
     summary = {"mode": cfg.mode, "inputs": len(files), "format": fmt, **counts, "seconds": round(seconds, 2),
                "job_seconds": round(job, 2), "rows_per_second": round(counts["rows"] / job, 1) if job > 0 else None,
-               "output": str(out), "resources": dataclasses.asdict(res)}
+               "output": storage.scrub(out), "resources": dataclasses.asdict(res)}
     if cfg.mode == "topk":
         summary["pairs_per_second"] = round(counts["pairs"] / job, 1) if job > 0 else None
-    (out / "_summary.json").write_text(json.dumps(summary, indent=1))
+    write_summary(out, summary, opts)
     return summary
 
 

@@ -8,24 +8,31 @@ cannot parse become rows with a `READ_ERROR` reason, never disappear. The reader
 module: `tables` (CSV/TSV/Parquet: column checks, `Utf8Replaced`, headerless `TableColumns`)
 and `shards` (itsim shard tars); this module expands the inputs, picks the format and plans
 the read tasks.
+
+Inputs may be store URLs (`s3://b/pairs/*.parquet`, a shard folder's URL): they are listed on the
+driver and each read task streams its file through `storage.open_input` (retries, one-line errors),
+with the driver's storage options (`storage.portable_options`) so a task on another node reaches the
+same store. Files are `Path`s (local, resolved) or `str` URLs.
 """
 from __future__ import annotations
 
 import functools
 import glob
 import json
+import posixpath
 from pathlib import Path
-from typing import Any
+from typing import Any, Mapping
 
 import pyarrow.parquet as pq
 from ray.data import Datasource, ReadTask
 from ray.data.block import BlockMetadata
 
+from itsim import storage
 from itsim.errors import UserError
 from itsim.score.columns import JPG, READ_ERROR, RESERVED, ROW_ID
 from itsim.score.shards import SHARD_SCHEMA, read_shard_blocks
-from itsim.score.tables import (TableColumns, Utf8Replaced, check_tables, read_csv_blocks, read_parquet_blocks,
-                                table_columns)
+from itsim.score.tables import (TableColumns, Utf8Replaced, check_tables, open_table, read_csv_blocks,
+                                read_parquet_blocks, table_columns)
 
 __all__ = ["ROW_ID", "JPG", "READ_ERROR", "RESERVED", "SUFFIXES", "SHARD_COLUMNS", "SHARD_SCHEMA",
            "TableColumns", "Utf8Replaced", "check_tables", "table_columns", "expand_inputs", "detect_format",
@@ -35,15 +42,49 @@ SUFFIXES = {".csv": "csv", ".tsv": "tsv", ".tab": "tsv", ".parquet": "parquet", 
 SHARD_COLUMNS = ("image", "caption", "caption_idx", "split", "key", "shard")
 _PARQUET_ROWS_PER_TASK = 1 << 16
 
+InputFile = Path | str  # a local file (resolved) or a store URL
 
-def _expand_one(pattern: str, split: str | None) -> list[Path]:
-    path = Path(pattern)
+
+def _suffix(f: InputFile) -> str:
+    return posixpath.splitext(str(f))[1].lower()
+
+
+def _manifest_shards(manifest: dict[str, Any], split: str | None) -> list[str]:
+    splits = manifest.get("splits", {})
+    wanted = [split] if split else list(splits)
+    return [name for s in wanted for name in splits.get(s, {}).get("shards", [])]
+
+
+def _expand_url(pattern: str, split: str | None, options: Mapping[str, Any] | None) -> list[str]:
+    """A URL glob (files with a known suffix), a shard folder (its manifest), a folder of tables/tars, or
+    one object. Listing also checks the bucket and credentials before any Ray work."""
+    if glob.has_magic(pattern):
+        found = [u for u in storage.glob(pattern, options) if _suffix(u) in SUFFIXES]
+        if not found:
+            raise UserError(f"{storage.scrub(pattern)}: no .csv, .tsv, .parquet or .tar object matches")
+        return found
+    manifest = storage.join(pattern, "manifest.json")
+    if storage.exists(manifest, options):
+        return [storage.join(pattern, n) for n in _manifest_shards(json.loads(storage.read_text(manifest, options)), split)]
+    children = storage.ls(pattern, options)
+    if children:
+        found = [u for u in children if _suffix(u) in SUFFIXES and not posixpath.basename(u).startswith(".")]
+        if not found:
+            raise UserError(f"{storage.scrub(pattern)}: no .csv, .tsv, .parquet or .tar files under this prefix")
+        return found
+    if not storage.exists(pattern, options):
+        raise UserError(f"{storage.scrub(pattern)}: no such file")
+    return [pattern]
+
+
+def _expand_one(pattern: str, split: str | None, options: Mapping[str, Any] | None = None) -> list[InputFile]:
+    if storage.is_url(pattern) and storage.resolve(pattern, options).fs is not None:
+        return _expand_url(pattern, split, options)
+    path = Path(storage.resolve(pattern).path)
     if path.is_dir():
         manifest = path / "manifest.json"
         if manifest.is_file():  # an itsim shard folder: its manifest lists the shards per split
-            splits = json.loads(manifest.read_text()).get("splits", {})
-            wanted = [split] if split else list(splits)
-            return [path / name for s in wanted for name in splits.get(s, {}).get("shards", [])]
+            return [path / name for name in _manifest_shards(json.loads(manifest.read_text()), split)]
         found = sorted(p for p in path.iterdir() if p.suffix.lower() in SUFFIXES and not p.name.startswith("."))
         if not found:
             raise UserError(f"{path}: no .csv, .tsv, .parquet or .tar files in this folder")
@@ -58,28 +99,30 @@ def _expand_one(pattern: str, split: str | None) -> list[Path]:
     return [path]
 
 
-def expand_inputs(patterns: list[str] | tuple[str, ...], split: str | None = None) -> list[Path]:
-    """Files, folders (a shard folder's manifest, else its tables/tars) and globs -> sorted unique files."""
+def expand_inputs(patterns: list[str] | tuple[str, ...], split: str | None = None,
+                  options: Mapping[str, Any] | None = None) -> list[InputFile]:
+    """Files, folders (a shard folder's manifest, else its tables/tars) and globs, as paths or URLs
+    (`options`: storage options) -> unique files, each pattern's sorted."""
     if not patterns:
         raise UserError("--input is required")
-    files: dict[Path, None] = {}
+    files: dict[InputFile, None] = {}
     for pattern in patterns:
-        for f in _expand_one(pattern, split):
-            files.setdefault(f.resolve(), None)
+        for f in _expand_one(pattern, split, options):
+            files.setdefault(f.resolve() if isinstance(f, Path) else f, None)
     out = list(files)
     if split:  # shard names are {split}-{i:06d}.tar; tables have no split to filter on
-        out = [f for f in out if f.suffix != ".tar" or f.name.startswith(f"{split}-")]
+        out = [f for f in out if _suffix(f) != ".tar" or posixpath.basename(str(f)).startswith(f"{split}-")]
     if not out:
         raise UserError(f"no input files{' for split ' + split if split else ''}")
     return out
 
 
-def detect_format(files: list[Path], fmt: str = "auto") -> str:
+def detect_format(files: list[InputFile], fmt: str = "auto") -> str:
     if fmt != "auto":
         return fmt
-    kinds = {SUFFIXES.get(f.suffix.lower()) for f in files}
+    kinds = {SUFFIXES.get(_suffix(f)) for f in files}
     if None in kinds:
-        odd = next(f for f in files if f.suffix.lower() not in SUFFIXES)
+        odd = next(f for f in files if _suffix(f) not in SUFFIXES)
         raise UserError(f"{odd}: cannot tell the format from the name; pass --format csv|tsv|parquet|shards")
     if len(kinds) > 1:
         raise UserError(f"inputs mix formats ({', '.join(sorted(kinds))}); score each format separately")
@@ -94,26 +137,36 @@ class ScoreInputs(Datasource):
     `per_image=True` (shards only) yields one row per image instead of one per caption.
     """
 
-    def __init__(self, files: list[Path], fmt: str, block_rows: int, columns: dict[Path, TableColumns] | None = None,
-                 per_image: bool = False):
+    def __init__(self, files: list[InputFile], fmt: str, block_rows: int,
+                 columns: dict[InputFile, TableColumns] | None = None, per_image: bool = False,
+                 options: Mapping[str, Any] | None = None):
         super().__init__()
         self.files, self.fmt, self.block_rows = list(files), fmt, block_rows
         self.columns = columns or {}
         self.per_image = per_image
+        self.options = storage.portable_options(options)  # what each read task, maybe on another node, uses
         self._plan: list[tuple[Any, int | None, int]] | None = None
+        self._sizes: dict[str, int] = {}
+
+    def _size(self, path: InputFile) -> int:
+        if str(path) not in self._sizes:
+            self._sizes[str(path)] = storage.size_of(str(path), self.options)
+        return self._sizes[str(path)]
 
     def estimate_inmemory_data_size(self) -> int | None:
-        return sum(f.stat().st_size for f in self.files)
+        return sum(self._size(f) for f in self.files)
 
-    def _parquet_tasks(self, index: int, path: Path) -> list[tuple[Any, int, int]]:
-        meta = pq.ParquetFile(path).metadata
+    def _parquet_tasks(self, index: int, path: InputFile) -> list[tuple[Any, int, int]]:
+        with open_table(path, self.options) as source:
+            meta = pq.ParquetFile(source).metadata
         tasks, groups, first, rows = [], [], 0, 0
         for g in range(meta.num_row_groups):
             groups.append(g)
             rows += meta.row_group(g).num_rows
             if rows >= _PARQUET_ROWS_PER_TASK or g == meta.num_row_groups - 1:
-                fn = functools.partial(read_parquet_blocks, str(path), index, groups, first, self.block_rows)
-                tasks.append((fn, rows, path.stat().st_size * rows // max(1, meta.num_rows)))
+                fn = functools.partial(read_parquet_blocks, str(path), index, groups, first, self.block_rows,
+                                       self.options)
+                tasks.append((fn, rows, self._size(path) * rows // max(1, meta.num_rows)))
                 groups, first, rows = [], first + rows, 0
         return tasks
 
@@ -123,16 +176,15 @@ class ScoreInputs(Datasource):
             return self._plan
         plan: list[tuple[Any, int | None, int]] = []
         for index, path in enumerate(self.files):
-            size = path.stat().st_size
             if self.fmt == "parquet":
                 plan += self._parquet_tasks(index, path)
             elif self.fmt in ("csv", "tsv"):
-                cols = self.columns.get(path) or TableColumns(tuple(table_columns(path, self.fmt)))
-                plan.append((functools.partial(read_csv_blocks, str(path), index, self.fmt, cols, self.block_rows),
-                             None, size))
+                cols = self.columns.get(path) or TableColumns(tuple(table_columns(path, self.fmt, self.options)))
+                plan.append((functools.partial(read_csv_blocks, str(path), index, self.fmt, cols, self.block_rows,
+                                               self.options), None, self._size(path)))
             elif self.fmt == "shards":
-                plan.append((functools.partial(read_shard_blocks, str(path), index, self.block_rows, self.per_image),
-                             None, size))
+                plan.append((functools.partial(read_shard_blocks, str(path), index, self.block_rows, self.per_image,
+                                               self.options), None, self._size(path)))
             else:
                 raise UserError(f"unknown input format {self.fmt!r}")
         self._plan = plan

@@ -16,13 +16,15 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Any, Mapping
 
 import ray
 import torch
 
+from itsim import storage
 from itsim.errors import UserError
 from itsim.model import MODEL_FILES
 from itsim.score.config import ScoreConfig
@@ -76,11 +78,13 @@ def actor_options(res: Resources) -> dict[str, Any]:
     return opts
 
 
-def put_model(model_dir: str | Path) -> list[Any]:
-    """The model directory's bytes in the object store, so actors on other nodes need no shared
-    filesystem. Wrapped in a list so Ray passes the ref itself (not its value) to the actor, which
-    fetches it; the driver owns it for the whole job, so a restarted actor can fetch it again."""
-    return [ray.put({name: (Path(model_dir) / name).read_bytes() for name in MODEL_FILES})]
+def put_model(model_dir: str | Path, options: Mapping[str, Any] | None = None) -> list[Any]:
+    """The model directory's bytes (a folder or a store URL) in Ray's object store, so actors on other
+    nodes need neither a shared filesystem nor the store's credentials. Wrapped in a list so Ray passes
+    the ref itself (not its value) to the actor, which fetches it; the driver owns it for the whole
+    job, so a restarted actor can fetch it again."""
+    return [ray.put({name: storage.read_bytes(storage.join(os.fspath(model_dir), name), options)
+                     for name in MODEL_FILES})]
 
 
 def scorer_from_files(model_ref: list[Any], threads: int, use_gpu: bool, batch_size: int) -> Any:

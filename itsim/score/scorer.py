@@ -18,13 +18,14 @@ import os
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Iterator, Mapping, Sequence
 
 import numpy as np
 import torch
 from PIL import Image
 
-from itsim.images import DEFAULT_MAX_PIXELS, ImageError, load_image, safe_path, to_array
+from itsim import storage
+from itsim.images import DEFAULT_MAX_PIXELS, ImageError, image_url, load_image, read_url, safe_path, to_array
 from itsim.model import ItsimModel, Preprocess, encode_captions, encode_images, load_model, resolve_device
 from itsim.model.encode import autocast, rows_to_device, to_device
 from itsim.text import Vocab, normalize
@@ -67,13 +68,21 @@ def caption_error(caption: object) -> str | None:
     return None
 
 
+@dataclass(frozen=True)
+class _Remote:
+    """An image in a store, read (`images.read_url`) only when its key is first met in a batch."""
+
+    url: str
+
+
 def _image_source(source: Any, images_root: str | Path | None, base_dir: str | Path | None) -> tuple[Any, str]:
-    """(what `load_image` reads, its image key).
+    """(what `load_image` reads, or a `_Remote` to read first; its image key).
 
     The key is what makes a repeated image decode and encode once: `path:` and the resolved path,
-    `bytes:` and a digest of the encoded bytes (the same JPEG in many shard rows), or `pil:` and the
-    object's id (only meaningful while the caller holds the images, i.e. within one batch). The
-    prefixes keep a file literally named like a digest from meeting one.
+    `url:` and the URL of an image in a store (a URL in the table without `images_root`, or a name
+    under a URL `images_root`), `bytes:` and a digest of the encoded bytes (the same JPEG in many
+    shard rows), or `pil:` and the object's id (only meaningful while the caller holds the images,
+    i.e. within one batch). The prefixes keep a file literally named like a digest from meeting one.
     """
     if isinstance(source, Image.Image):
         return source, f"pil:{id(source)}"
@@ -84,8 +93,14 @@ def _image_source(source: Any, images_root: str | Path | None, base_dir: str | P
         source = os.fspath(source)
     if not isinstance(source, str) or not source.strip():
         raise ImageError("bad_name", repr(source))
-    if images_root is not None:
-        path = safe_path(images_root, source)
+    root = os.fspath(images_root) if images_root is not None else None
+    if storage.is_url(root) or (root is None and storage.is_url(source)):
+        url = image_url(root, source)
+        if not url.lower().startswith("file://"):  # a store (an unsupported scheme fails when read)
+            return _Remote(url), f"url:{url}"
+        root, source = (root[len("file://"):], source) if root else (None, url[len("file://"):])
+    if root is not None:
+        path = safe_path(root, source)
     else:
         path = Path(base_dir or ".") / source
     return path, f"path:{path}"
@@ -93,23 +108,26 @@ def _image_source(source: Any, images_root: str | Path | None, base_dir: str | P
 
 def prepare_images(images: Sequence[Any], pre: Preprocess, images_root: str | Path | None = None,
                    max_pixels: int = DEFAULT_MAX_PIXELS, errors: Sequence[str | None] | None = None,
-                   base_dir: str | Path | None = None) -> tuple[np.ndarray, list[str | None]]:
+                   base_dir: str | Path | None = None,
+                   options: Mapping[str, Any] | None = None) -> tuple[np.ndarray, list[str | None]]:
     """Images (relative path, path, bytes or PIL) -> uint8 [n, S, S, 3] and an error per row.
 
     `prepare_images_keyed` without the keys (for callers that encode each image row anyway).
     """
-    pixels, errors, _ = prepare_images_keyed(images, pre, images_root, max_pixels, errors, base_dir)
+    pixels, errors, _ = prepare_images_keyed(images, pre, images_root, max_pixels, errors, base_dir, options)
     return pixels, errors
 
 
 def prepare_images_keyed(images: Sequence[Any], pre: Preprocess, images_root: str | Path | None = None,
                          max_pixels: int = DEFAULT_MAX_PIXELS, errors: Sequence[str | None] | None = None,
-                         base_dir: str | Path | None = None
+                         base_dir: str | Path | None = None, options: Mapping[str, Any] | None = None
                          ) -> tuple[np.ndarray, list[str | None], list[str | None]]:
     """Images -> (uint8 [n, S, S, 3], error per row, image key per row; None where the row has an error).
 
     Relative paths resolve safely under `images_root` (`path_escape` otherwise); without a root,
     paths are taken as written, relative ones against `base_dir` (default: the current directory).
+    A URL `images_root`, or URLs in `images` without a root, are read from the store (`options`:
+    storage options); a store failure is the row's error (`missing`, `store_denied`, ...).
     Rows whose `errors` entry is already set are skipped. An image repeated in the batch (five
     captions of one photo) is decoded once, and its rows share a key (see `_image_source`).
     """
@@ -128,6 +146,8 @@ def prepare_images_keyed(images: Sequence[Any], pre: Preprocess, images_root: st
             continue
         if key not in cache:
             try:
+                if isinstance(readable, _Remote):
+                    readable = read_url(readable.url, options)
                 cache[key] = to_array(load_image(readable, size, pre.resize, max_pixels))
             except ImageError as exc:
                 cache[key] = exc.reason
@@ -156,7 +176,8 @@ def prepare_captions(captions: Sequence[Any], pre: Preprocess, vocab: Vocab,
 
 def prepare_rows(images: Sequence[Any], captions: Sequence[Any], pre: Preprocess, vocab: Vocab,
                  images_root: str | Path | None = None, max_pixels: int = DEFAULT_MAX_PIXELS,
-                 errors: Sequence[str | None] | None = None, base_dir: str | Path | None = None) -> Prepared:
+                 errors: Sequence[str | None] | None = None, base_dir: str | Path | None = None,
+                 options: Mapping[str, Any] | None = None) -> Prepared:
     """Pairs -> model inputs; the one preprocessing path of `Scorer` and of the Ray job.
 
     The caption is checked first (cheap), so a row with a bad caption never decodes its image.
@@ -165,7 +186,7 @@ def prepare_rows(images: Sequence[Any], captions: Sequence[Any], pre: Preprocess
     if len(images) != len(captions):
         raise ValueError(f"{len(images)} images but {len(captions)} captions")
     ids, lengths, errs = prepare_captions(captions, pre, vocab, errors)
-    pixels, errs, keys = prepare_images_keyed(images, pre, images_root, max_pixels, errs, base_dir)
+    pixels, errs, keys = prepare_images_keyed(images, pre, images_root, max_pixels, errs, base_dir, options)
     return Prepared(pixels, ids, lengths, errs, keys)
 
 
@@ -212,7 +233,7 @@ class Scorer:
 
     def __init__(self, model: ItsimModel, vocab: Vocab, pre: Preprocess, device: torch.device, *,
                  images_root: str | Path | None = None, max_pixels: int = DEFAULT_MAX_PIXELS,
-                 batch_size: int = 256):
+                 batch_size: int = 256, storage_options: Mapping[str, Any] | None = None):
         self.model = model.eval()
         self.vocab = vocab
         self.pre = pre
@@ -220,11 +241,14 @@ class Scorer:
         self.images_root = images_root
         self.max_pixels = max_pixels
         self.batch_size = batch_size
+        self.storage_options = storage_options  # for a URL model, images_root or image URLs
 
     @classmethod
     def from_dir(cls, model_dir: str | Path, device: str = "auto", **kwargs: Any) -> "Scorer":
+        """The model of a model folder or a store URL (`s3://bucket/run/model`; pass `storage_options=`
+        for settings such as an endpoint; credentials come from the store's usual sources)."""
         dev = resolve_device(device)
-        model, vocab, pre = load_model(model_dir, dev)
+        model, vocab, pre = load_model(model_dir, dev, kwargs.get("storage_options"))
         return cls(model, vocab, pre, dev, **kwargs)
 
     # --- tensors ------------------------------------------------------------------------------
@@ -249,7 +273,8 @@ class Scorer:
 
     def prepare(self, images: Sequence[Any], captions: Sequence[Any],
                 errors: Sequence[str | None] | None = None) -> Prepared:
-        return prepare_rows(images, captions, self.pre, self.vocab, self.images_root, self.max_pixels, errors)
+        return prepare_rows(images, captions, self.pre, self.vocab, self.images_root, self.max_pixels, errors,
+                            options=self.storage_options)
 
     def score_prepared(self, prep: Prepared) -> np.ndarray:
         """float32 probabilities, NaN where the row has an error.
@@ -297,7 +322,8 @@ class Scorer:
 
     def score_matrix(self, images: Sequence[Any], captions: Sequence[Any]) -> np.ndarray:
         """Probabilities for every image x every caption [n_img, n_txt]; NaN rows/columns for bad inputs."""
-        pixels, img_err = prepare_images(list(images), self.pre, self.images_root, self.max_pixels)
+        pixels, img_err = prepare_images(list(images), self.pre, self.images_root, self.max_pixels,
+                                         options=self.storage_options)
         ids, lengths, txt_err = prepare_captions(list(captions), self.pre, self.vocab)
         txt_ok = np.array([e is None for e in txt_err], dtype=bool)
         img_ok = np.array([e is None for e in img_err], dtype=bool)

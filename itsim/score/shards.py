@@ -2,19 +2,22 @@
 
 A sample that cannot be understood becomes one row whose `READ_ERROR` is `bad_sample`; a shard whose
 tar stream ends early (cut, or an invalid header in the middle) adds one `bad_shard` row, so no
-input disappears unseen.
+input disappears unseen. A shard may be a store URL, streamed through `storage.open_input`; a store
+failure that outlasts its retries (or a shard deleted since it was listed) is a `bad_shard` row too.
 """
 from __future__ import annotations
 
 import json
 import logging
 import tarfile
-from typing import Any, Iterator
+from typing import Any, Iterator, Mapping
 
 import pyarrow as pa
 
+from itsim import storage
 from itsim.data.shards.tar import iter_samples
 from itsim.score.columns import JPG, READ_ERROR, ROW_ID
+from itsim.storage_errors import StorageError
 
 log = logging.getLogger(__name__)
 
@@ -49,8 +52,8 @@ def _sample_rows(sample: dict[str, Any], shard: str, per_image: bool = False) ->
             for c, i in zip(captions, idx)]
 
 
-def read_shard_blocks(path: str, file_index: int, block_rows: int,
-                      per_image: bool = False) -> Iterator[pa.Table]:
+def read_shard_blocks(path: str, file_index: int, block_rows: int, per_image: bool = False,
+                      options: Mapping[str, Any] | None = None) -> Iterator[pa.Table]:
     """One shard as blocks of rows; a tar stream that breaks off ends with one `bad_shard` row."""
     rows: list[dict[str, Any]] = []
     row = 0
@@ -64,12 +67,12 @@ def read_shard_blocks(path: str, file_index: int, block_rows: int,
         return table
 
     try:
-        with open(path, "rb") as f:
+        with storage.open_input(path, options) as f:
             for sample in iter_samples(f):
                 rows.extend(_sample_rows(sample, path, per_image))
                 if len(rows) >= block_rows:
                     yield flush()
-    except (tarfile.TarError, OSError, EOFError) as exc:
+    except (tarfile.TarError, OSError, EOFError, StorageError) as exc:
         log.warning("%s: shard unreadable after %d rows (%s)", path, row + len(rows), exc)
         rows.append({"image": None, "caption": None, "caption_idx": None, "split": None, "key": None,
                      "shard": path, JPG: None, READ_ERROR: "bad_shard"})

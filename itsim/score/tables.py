@@ -4,23 +4,27 @@ Each block gets its stable `row_id` (`file_index << 32 | row_index`) and a `READ
 CSV/TSV line with the wrong number of fields becomes a row whose `READ_ERROR` is `bad_row`, never
 disappears. CSV/TSV bytes that are not UTF-8 are replaced by U+FFFD (`Utf8Replaced`), as
 `data/captions.py` does, so one bad byte costs one character, not the file. Headerless tables are
-read with names given by `--columns` (`TableColumns(names, header=False)`).
+read with names given by `--columns` (`TableColumns(names, header=False)`). A table may be a store
+URL: it is streamed through `storage.open_input` (`options`: storage options).
 """
 from __future__ import annotations
 
 import codecs
+import contextlib
 import csv
 import io
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Iterator, Mapping, Sequence
 
 import pyarrow as pa
 import pyarrow.csv as pv
 import pyarrow.parquet as pq
 
+from itsim import storage
 from itsim.errors import UserError
+from itsim.storage_errors import NotFound
 from itsim.score.columns import READ_ERROR, RESERVED, ROW_ID
 
 log = logging.getLogger(__name__)
@@ -47,18 +51,32 @@ class TableColumns:
     header: bool = True
 
 
-def _first_record(path: Path, fmt: str) -> list[str] | None:
+@contextlib.contextmanager
+def open_table(path: Path | str, options: Mapping[str, Any] | None = None) -> Iterator[Any]:
+    """What pyarrow reads: a local path as itself (read natively), a store URL as a seekable stream."""
+    if not storage.is_url(str(path)):
+        yield path
+        return
+    with storage.open_input(str(path), options) as stream:
+        yield stream
+
+
+def _first_record(path: Path | str, fmt: str, options: Mapping[str, Any] | None = None) -> list[str] | None:
     """The first CSV/TSV record, decoded as the reader decodes the file (BOM dropped, bad bytes replaced)."""
-    with open(path, newline="", encoding="utf-8-sig", errors="replace") as fh:
+    with storage.open_input(str(path), options) as raw, \
+            io.TextIOWrapper(raw, encoding="utf-8-sig", errors="replace", newline="") as fh:
         return next(csv.reader(fh, delimiter="\t" if fmt == "tsv" else ","), None)
 
 
-def table_columns(path: Path, fmt: str) -> list[str]:
+def table_columns(path: Path | str, fmt: str, options: Mapping[str, Any] | None = None) -> list[str]:
     """Column names of a table, read from its header or Parquet footer only."""
     try:
         if fmt == "parquet":
-            return list(pq.read_schema(path).names)
-        names = _first_record(path, fmt)
+            with open_table(path, options) as source:
+                return list(pq.read_schema(source).names)
+        names = _first_record(path, fmt, options)
+    except NotFound:
+        raise UserError(f"{storage.scrub(str(path))}: no such file") from None
     except (pa.ArrowException, OSError, csv.Error) as exc:
         raise UserError(f"{path}: cannot read as {fmt} ({exc})") from None
     if not names:
@@ -66,12 +84,12 @@ def table_columns(path: Path, fmt: str) -> list[str]:
     return names
 
 
-def _given_columns(path: Path, fmt: str, names: tuple[str, ...]) -> None:
+def _given_columns(path: Path | str, fmt: str, names: tuple[str, ...], options: Mapping[str, Any] | None) -> None:
     """A headerless table must have as many fields as `--columns` names, or every row would be a bad_row."""
     if fmt not in ("csv", "tsv"):
         raise UserError(f"{path}: --columns names the columns of headerless CSV/TSV tables, not {fmt} files")
     try:
-        first = _first_record(path, fmt)
+        first = _first_record(path, fmt, options)
     except (OSError, csv.Error) as exc:
         raise UserError(f"{path}: cannot read as {fmt} ({exc})") from None
     if first is not None and len(first) != len(names):
@@ -81,8 +99,8 @@ def _given_columns(path: Path, fmt: str, names: tuple[str, ...]) -> None:
         log.warning("%s: the first line equals --columns; it is scored as data (drop --columns for a header)", path)
 
 
-def check_tables(files: list[Path], fmt: str, needed: tuple[str, ...],
-                 names: Sequence[str] | None = None) -> dict[Path, TableColumns]:
+def check_tables(files: list[Path | str], fmt: str, needed: tuple[str, ...], names: Sequence[str] | None = None,
+                 options: Mapping[str, Any] | None = None) -> dict[Path | str, TableColumns]:
     """Each table's columns, checked for `needed` and for clashes with the output's own columns.
 
     `names` (from `--columns`) are the columns of headerless CSV/TSV tables: the first line is data.
@@ -93,8 +111,9 @@ def check_tables(files: list[Path], fmt: str, needed: tuple[str, ...],
     columns = {}
     for f in files:
         if given is not None:
-            _given_columns(f, fmt, given)
-        cols = TableColumns(given, header=False) if given is not None else TableColumns(tuple(table_columns(f, fmt)))
+            _given_columns(f, fmt, given, options)
+        cols = (TableColumns(given, header=False) if given is not None
+                else TableColumns(tuple(table_columns(f, fmt, options))))
         missing = [c for c in needed if c not in cols.names]
         if missing:
             where = "--columns" if given is not None else f"{f}:"
@@ -115,9 +134,9 @@ class Utf8Replaced(io.RawIOBase):
     one chunk is decoded at a time, and the incremental decoder keeps a character split across chunks.
     """
 
-    def __init__(self, path: str, chunk: int = _CSV_BLOCK):
+    def __init__(self, path: str, chunk: int = _CSV_BLOCK, options: Mapping[str, Any] | None = None):
         super().__init__()
-        self._fh = open(path, "rb")
+        self._fh = storage.open_input(path, options)
         self._decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
         self._pending = b""
         self._eof = False
@@ -157,13 +176,13 @@ def _with_ids(table: pa.Table, file_index: int, start: int) -> pa.Table:
     return table.add_column(0, ROW_ID, ids)
 
 
-def read_csv_blocks(path: str, file_index: int, fmt: str, columns: TableColumns,
-                    block_rows: int) -> Iterator[pa.Table]:
+def read_csv_blocks(path: str, file_index: int, fmt: str, columns: TableColumns, block_rows: int,
+                    options: Mapping[str, Any] | None = None) -> Iterator[pa.Table]:
     """One CSV/TSV file as blocks of at most `block_rows` rows; malformed lines become `bad_row` rows."""
     bad: list[str] = []
     names = list(columns.names)
     read = pv.ReadOptions(block_size=_CSV_BLOCK, column_names=None if columns.header else names)
-    with Utf8Replaced(path) as source:
+    with Utf8Replaced(path, options=options) as source:
         # Every column as text: types inferred from the first block can break on a later row.
         reader = pv.open_csv(source, read_options=read, parse_options=_csv_parse(fmt, bad),
                              convert_options=pv.ConvertOptions(column_types={n: pa.string() for n in names}))
@@ -185,12 +204,13 @@ def read_csv_blocks(path: str, file_index: int, fmt: str, columns: TableColumns,
         log.warning("%s: %d byte sequence(s) that are not UTF-8 replaced by U+FFFD", path, source.replaced)
 
 
-def read_parquet_blocks(path: str, file_index: int, row_groups: list[int], first_row: int,
-                        block_rows: int) -> Iterator[pa.Table]:
+def read_parquet_blocks(path: str, file_index: int, row_groups: list[int], first_row: int, block_rows: int,
+                        options: Mapping[str, Any] | None = None) -> Iterator[pa.Table]:
     """Some row groups of one Parquet file as blocks; `first_row` is the first group's row index in the file."""
     row = first_row
-    for batch in pq.ParquetFile(path).iter_batches(batch_size=block_rows, row_groups=row_groups):
-        table = pa.Table.from_batches([batch])
-        table = table.append_column(READ_ERROR, pa.nulls(table.num_rows, pa.string()))
-        yield _with_ids(table, file_index, row)
-        row += table.num_rows
+    with open_table(path, options) as source:
+        for batch in pq.ParquetFile(source).iter_batches(batch_size=block_rows, row_groups=row_groups):
+            table = pa.Table.from_batches([batch])
+            table = table.append_column(READ_ERROR, pa.nulls(table.num_rows, pa.string()))
+            yield _with_ids(table, file_index, row)
+            row += table.num_rows

@@ -8,22 +8,20 @@ caption; the driver merges those partial lists (k per caption per block), so no 
 driver ever holds the full score matrix. Ties rank the lower id first, so results are reproducible.
 
 This is quadratic in the set sizes by nature: meant for evaluation sets (thousands of images), not
-for millions.
+for millions. The results (small: k per image and per caption) are written by the driver, each file
+whole (`output.write_table`), to a folder or a store URL.
 """
 from __future__ import annotations
 
 import io
 import logging
 import math
-import os
 from collections import Counter
 from pathlib import Path
-from typing import Any
+from typing import Any, Mapping
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
-
 import ray
 import torch
 from ray.data.extensions import ArrowTensorArray
@@ -31,7 +29,9 @@ from ray.data.extensions import ArrowTensorArray
 from itsim.errors import UserError
 from itsim.model import Preprocess
 from itsim.score.columns import JPG, PIXELS, READ_ERROR, ROW_ID, tensor_column
-from itsim.score.config import ScoreConfig
+from itsim import storage
+from itsim.score.config import ScoreConfig, images_root
+from itsim.score.output import write_table
 from itsim.score.read import ScoreInputs
 from itsim.score.resources import Resources, actor_options, scorer_from_files
 from itsim.score.scorer import caption_error, prepare_captions, prepare_images
@@ -43,11 +43,11 @@ IID = "__iid"
 
 
 def prepare_image_block(table: pa.Table, *, pre: Preprocess, images_root: str | None, base_dir: str,
-                        max_pixels: int, source_col: str) -> pa.Table:
+                        max_pixels: int, source_col: str, options: Mapping[str, Any] | None = None) -> pa.Table:
     """CPU stage for topk: only images (the captions are encoded separately, once)."""
     errors = table.column(READ_ERROR).to_pylist() if READ_ERROR in table.column_names else None
     pixels, errors = prepare_images(table.column(source_col).to_pylist(), pre, images_root, max_pixels, errors,
-                                    base_dir)
+                                    base_dir, options)
     out = table.select([IID, "image"])
     out = out.append_column(PIXELS, ArrowTensorArray.from_numpy(pixels))
     return out.append_column("error", pa.array(errors, pa.string()))
@@ -104,12 +104,12 @@ class TopKActor:
         return pa.table({"payload": pa.array([buf.getvalue()], pa.binary())})
 
 
-def _caption_set(cfg: ScoreConfig, res: Resources, files: list[Path], fmt: str,
+def _caption_set(cfg: ScoreConfig, res: Resources, files: list[Any], fmt: str,
                  columns: dict | None) -> tuple[list[str], list[tuple[str, str, str]]]:
     """Sorted unique usable captions, and a record per unusable one. A caption is used even when its
     shard sample's image is broken; a row without a caption counts under its read error (a sample
     whose json is unreadable). Streams the caption column through the driver."""
-    source = ScoreInputs(files, fmt, cfg.batch_size, columns)
+    source = ScoreInputs(files, fmt, cfg.batch_size, columns, options=cfg.storage_options)
     col = "caption" if fmt == "shards" else cfg.caption_col
     ds = ray.data.read_datasource(source, override_num_blocks=max(1, len(source.read_plan())), num_cpus=res.read_cpus)
     good: set[str] = set()
@@ -124,35 +124,30 @@ def _caption_set(cfg: ScoreConfig, res: Resources, files: list[Path], fmt: str,
     return sorted(good), sorted(bad)
 
 
-def _image_dataset(cfg: ScoreConfig, res: Resources, files: list[Path], fmt: str, columns: dict | None,
+def _image_dataset(cfg: ScoreConfig, res: Resources, files: list[Any], fmt: str, columns: dict | None,
                    pre: Preprocess) -> Any:
     if fmt == "shards":  # one row per shard sample; its row_id is its id
-        source = ScoreInputs(files, fmt, cfg.batch_size, per_image=True)
+        source = ScoreInputs(files, fmt, cfg.batch_size, per_image=True, options=cfg.storage_options)
         ds = ray.data.read_datasource(source, override_num_blocks=max(1, len(source.read_plan())),
                                       num_cpus=res.read_cpus)
         ds = ds.rename_columns({ROW_ID: IID}).repartition(target_num_rows_per_block=cfg.batch_size)
         source_col = JPG
     else:  # unique names, sorted: the id is the place in that order
-        source = ScoreInputs(files, fmt, cfg.batch_size, columns)
+        source = ScoreInputs(files, fmt, cfg.batch_size, columns, options=cfg.storage_options)
         ds = ray.data.read_datasource(source, override_num_blocks=max(1, len(source.read_plan())),
                                       num_cpus=res.read_cpus)
         names = sorted(ds.select_columns([cfg.image_col]).unique(cfg.image_col), key=lambda v: (v is None, str(v)))
         items = [{IID: i, "image": name} for i, name in enumerate(names)]
         ds = ray.data.from_items(items, override_num_blocks=max(1, math.ceil(len(items) / cfg.batch_size)))
         source_col = "image"
-    kwargs = {"pre": pre, "images_root": str(Path(cfg.images).resolve()) if cfg.images else None,
-              "base_dir": os.getcwd(), "max_pixels": cfg.max_pixels, "source_col": source_col}
+    kwargs = {"pre": pre, "images_root": images_root(cfg), "base_dir": str(Path.cwd()), "max_pixels": cfg.max_pixels,
+              "source_col": source_col, "options": storage.portable_options(cfg.storage_options)}
     return ds.map_batches(prepare_image_block, fn_kwargs=kwargs, batch_format="pyarrow", batch_size=cfg.batch_size,
                           num_cpus=res.prep_cpus)
 
 
-def _write(path: Path, table: pa.Table) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    pq.write_table(table, path)
-
-
-def run_topk(cfg: ScoreConfig, res: Resources, files: list[Path], fmt: str, columns: dict | None,
-             pre: Preprocess, vocab: Vocab, model_ref: list[Any], out: Path) -> dict[str, Any]:
+def run_topk(cfg: ScoreConfig, res: Resources, files: list[Any], fmt: str, columns: dict | None,
+             pre: Preprocess, vocab: Vocab, model_ref: list[Any], out: str | Path) -> dict[str, Any]:
     k = cfg.k
     actor_kwargs = {"model_ref": model_ref, "threads": res.threads, "use_gpu": res.gpus_per_worker > 0,
                     "batch_size": cfg.batch_size}
@@ -193,20 +188,22 @@ def run_topk(cfg: ScoreConfig, res: Resources, files: list[Path], fmt: str, colu
                                         np.concatenate([cap_img, p["cap_img"]], 1), k)
 
     image_rows.sort(key=lambda r: (r[0], r[1]))
-    _write(out / "image_topk" / "part-00000.parquet", pa.table({
+    opts = cfg.storage_options
+    write_table(out, "image_topk/part-00000.parquet", pa.table({
         "image": pa.array([r[0] for r in image_rows], pa.string()),
         "rank": pa.array([r[1] for r in image_rows], pa.int32()),
         "caption": pa.array([captions[r[2]] for r in image_rows], pa.string()),
-        "score": pa.array([r[3] for r in image_rows], pa.float32())}))
+        "score": pa.array([r[3] for r in image_rows], pa.float32())}), opts)
     rank = np.broadcast_to(np.arange(1, cap_img.shape[1] + 1), cap_img.shape)
     cap_idx = np.broadcast_to(np.arange(n_txt)[:, None], cap_img.shape)
-    _write(out / "caption_topk" / "part-00000.parquet", pa.table({
+    write_table(out, "caption_topk/part-00000.parquet", pa.table({
         "caption": pa.array([captions[i] for i in cap_idx.ravel()], pa.string()),
         "rank": pa.array(rank.ravel(), pa.int32()),
         "image": pa.array([names[int(i)] for i in cap_img.ravel()], pa.string()),
-        "score": pa.array(cap_score.ravel(), pa.float32())}))
+        "score": pa.array(cap_score.ravel(), pa.float32())}), opts)
     if failed:
-        _write(out / "topk_errors.parquet", pa.table({"kind": [f[0] for f in failed], "item": [f[1] for f in failed],
-                                                      "reason": [f[2] for f in failed]}))
+        write_table(out, "topk_errors.parquet", pa.table({"kind": [f[0] for f in failed],
+                                                         "item": [f[1] for f in failed],
+                                                         "reason": [f[2] for f in failed]}), opts)
     return {"k": k, "images": len(names), "captions": n_txt, "pairs": len(names) * n_txt,
             "rows": len(names), "scored": len(names), "errors": dict(sorted(errors.items()))}
