@@ -63,6 +63,8 @@ def _expand_url(pattern: str, split: str | None, options: Mapping[str, Any] | No
         if not found:
             raise UserError(f"{storage.scrub(pattern)}: no .csv, .tsv, .parquet or .tar object matches")
         return found
+    if _suffix(pattern) in SUFFIXES and storage.exists(pattern, options):  # one table or tar (the usual case)
+        return [pattern]
     manifest = storage.join(pattern, "manifest.json")
     if storage.exists(manifest, options):
         return [storage.join(pattern, n) for n in _manifest_shards(json.loads(storage.read_text(manifest, options)), split)]
