@@ -8,13 +8,15 @@
 #
 # The job's driver runs on the cluster and joins it with `--address auto`. This checkout is uploaded
 # as the job's working dir (so the cluster runs this version of itsim); its dependencies (torch,
-# ray[data], pillow, webdataset, pyarrow, safetensors) must already be installed on the nodes.
-# Inputs, --images and OUT_DIR must be paths every node can read (and the writers can write): a
-# shared filesystem. The model is shipped to the actors through the object store.
+# ray[data], pillow, webdataset, pyarrow, safetensors; s3fs for s3://) must already be installed on the nodes.
+# MODEL_DIR, inputs, --images and OUT_DIR are store URLs (s3://bucket/...; credentials from each node's
+# environment or instance role, extra settings with -- --storage-options '{"endpoint_url": ...}') or
+# paths every node can read (and the writers can write): a shared filesystem. The model is read once
+# by the driver and shipped to the actors through Ray's object store.
 set -euo pipefail
 
 if [[ $# -lt 3 ]]; then
-  sed -n '2,14p' "$0" >&2
+  sed -n '2,15p' "$0" >&2
   exit 2
 fi
 MODEL=$1

@@ -147,7 +147,11 @@ def quiet_progress_bars() -> None:
 @contextlib.contextmanager
 def user_errors_from_ray() -> Iterator[None]:
     """A UserError raised inside a Ray task or actor (a StorageError naming a URL) reaches the user as
-    its own one line: Ray wraps it in a RayTaskError whose text is the remote traceback."""
+    its own one line: Ray wraps it in a RayTaskError whose text is the remote traceback. Ray Data would
+    also put a map's error behind a UserCodeException, which loses it on the way to the driver (an
+    exception's `__cause__` is not pickled), so datasets made inside this block raise the original."""
+    context = ray.data.DataContext.get_current()
+    before, context.raise_original_map_exception = context.raise_original_map_exception, True
     try:
         yield
     except Exception as exc:  # noqa: BLE001 - re-raised unless a UserError is inside
@@ -158,9 +162,12 @@ def user_errors_from_ray() -> Iterator[None]:
                 continue
             seen.add(id(e))
             if isinstance(e, UserError) and not isinstance(e, ray.exceptions.RayTaskError):
+                e.args = ((str(e).splitlines() or [""])[0],)  # Ray Data appends lines on retry policy
                 raise e from None
             todo += [getattr(e, "cause", None), e.__cause__, e.__context__]
         raise
+    finally:
+        context.raise_original_map_exception = before
 
 
 def run_pairs(cfg: ScoreConfig, res: Resources, source: Any, pre: Preprocess, vocab: Vocab,

@@ -15,6 +15,8 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
 import yaml
@@ -22,10 +24,12 @@ import yaml
 from itsim import storage
 from itsim.cli import main as cli_main
 from itsim.errors import UserError
+from itsim.storage_errors import StorageError
 from itsim.model import load_model
 from itsim.score import Scorer
-from itsim.score.ray_job import ScoreConfig, run_score
-from test_score import MAX_PIXELS, ROOT, data  # noqa: F401 - the module fixture, reused
+from itsim.score.ray_job import ScoreConfig, run_score, user_errors_from_ray
+from itsim.score.read import READ_ERROR, ScoreInputs, expand_inputs
+from test_score import MAX_PIXELS, ROOT, data, shards  # noqa: F401 - the module fixtures, reused
 
 N_ROWS = 40
 
@@ -118,6 +122,7 @@ def test_ray_score_parquet_in_the_bucket_into_the_bucket_accounts_for_every_row(
         run_score(cfg)
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(300)
 def test_ray_topk_from_the_bucket_writes_its_tables_and_errors_there(data, s3, ray_local):
     df = _pairs_in_bucket(data, s3).drop(columns="local")
@@ -132,6 +137,39 @@ def test_ray_topk_from_the_bucket_writes_its_tables_and_errors_there(data, s3, r
         assert len(_read_parts(s3.url(f"topk/{name}"), s3.options)) == rows
     errors = pq.read_table(io.BytesIO(storage.read_bytes(s3.url("topk/topk_errors.parquet"), s3.options)))
     assert errors.column("reason").to_pylist() == ["missing"]
+
+
+def _rows(source: ScoreInputs) -> pa.Table:
+    return pa.concat_tables([t for read, _, _ in source.read_plan() for t in read()]).drop_columns(["shard"])
+
+
+def test_a_shard_folder_in_the_bucket_reads_as_the_local_one_and_a_deleted_shard_is_recorded(data, shards, s3):
+    """Shards listed from the bucket's manifest stream the same rows as the local folder's; a shard deleted
+    between listing and reading is one `bad_shard` row, as a cut local shard is (read tasks run here)."""
+    folder, _ = shards
+    storage.upload_tree(str(folder), s3.url("shards"), s3.options)
+    files = expand_inputs([s3.url("shards")], "test", s3.options)
+    assert files == [s3.url("shards/test-000000.tar"), s3.url("shards/test-000001.tar")]
+    local = _rows(ScoreInputs(expand_inputs([str(folder)], "test"), "shards", 4))
+    assert _rows(ScoreInputs(files, "shards", 4, options=s3.options)).equals(local)
+    source = ScoreInputs(files, "shards", 4, options=s3.options)
+    source.read_plan()  # planned (sizes read) before the shard goes
+    storage.delete(files[1], s3.options)
+    rows = _rows(source)
+    assert rows.column(READ_ERROR).to_pylist().count("bad_shard") == 1
+    first_shard = local.filter(pc.less(local.column("row_id"), 1 << 32))  # file index 0
+    assert rows.num_rows == first_shard.num_rows + 1 and rows.slice(0, first_shard.num_rows).equals(first_shard)
+
+
+def test_a_store_error_inside_a_ray_data_task_reaches_the_user_as_its_own_line(s3, ray_local):
+    """Ray wraps a task's exception in a RayTaskError whose text is the remote traceback; the job unwraps
+    the StorageError so the CLI prints its one line (here a Ray Data map reading from a missing bucket)."""
+    url = "s3://itsim-no-such-bucket/x.jpg"
+    options = storage.portable_options({**s3.options, "key": "itsim-test-key", "secret": "itsim-test-secret"})
+    with pytest.raises(StorageError) as err, user_errors_from_ray():
+        ray_local.data.from_items([{"url": url}]).map(
+            lambda row: {"n": len(storage.read_bytes(row["url"], options))}).take_all()
+    assert str(err.value) == f"{url}: bucket 'itsim-no-such-bucket' does not exist" and err.value.reason == "no_bucket"
 
 
 def _one_line_error(code: int, err: str, url: str) -> str:
