@@ -308,6 +308,7 @@ def evaluate(cfg: EvalConfig) -> dict[str, Any]:
 def _evaluate_into(cfg: EvalConfig, out: Path, model_dir: str, inputs: str) -> dict[str, Any]:
     """The evaluation, its outputs written into the local folder `out`; stored inputs copied to `inputs`."""
     opts = cfg.storage_options
+    pairs = fetch(storage.location(cfg.pairs), inputs, opts) if cfg.pairs else None  # a missing file: before any work
     config.save(cfg, out / "eval_config.yaml")
     device = resolve_device(cfg.device)
     model, vocab, pre = load_model(model_dir, device, opts)
@@ -336,14 +337,13 @@ def _evaluate_into(cfg: EvalConfig, out: Path, model_dir: str, inputs: str) -> d
         "encode_image_seconds": round(enc.encode_image_seconds, 3),
         "encode_text_seconds": round(enc.encode_text_seconds, 3),
     }
-    if cfg.pairs:
-        pairs = fetch(storage.location(cfg.pairs), inputs, opts)
+    if pairs:
         pair_result, _, _ = evaluate_pair_file(model, vocab, pre, pairs, storage.location(cfg.images), threshold,
                                                cfg.batch_size, device, opts)
         result.update(pair_result)
     plot_files: list[Path] = []
     if cfg.plots:
-        curves = fetch(storage.join(parent(model_dir), "metrics.jsonl"), inputs, opts)
+        curves = fetch(storage.join(parent(model_dir), "metrics.jsonl"), inputs, opts, optional=True)
         written = [plots.plot_roc(probs, labels, out / "roc.png"),
                    plots.plot_score_hist(probs, labels, out / "score_hist.png", threshold),
                    plots.plot_training_curves(curves, out / "training_curves.png")]

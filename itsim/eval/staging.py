@@ -41,12 +41,16 @@ def output_folder(out: str, options: Mapping[str, Any] | None) -> Iterator[Path]
         log.info("uploaded to %s", storage.scrub(out))
 
 
-def fetch(location: str, folder: str, options: Mapping[str, Any] | None) -> str:
-    """A local copy (in `folder`) of a stored file, else the local path itself; a missing object gives
-    a path that does not exist, so the caller reports it as it reports a missing local file."""
+def fetch(location: str, folder: str, options: Mapping[str, Any] | None, optional: bool = False) -> str:
+    """A local copy (in `folder`) of a stored file, else the local path itself. A missing object is a
+    StorageError naming its URL, or with `optional` a path that does not exist (the caller skips it
+    as it skips a missing local file)."""
     if not storage.is_remote(location):
         return location
     local = os.path.join(folder, posixpath.basename(location) or "input")
-    with contextlib.suppress(storage.NotFound):
+    try:
         storage.download(location, local, options)
+    except storage.NotFound:
+        if not optional:
+            raise
     return local

@@ -53,17 +53,21 @@ def _error_line(code: int, err: str) -> str:
     return lines[-1]
 
 
-@pytest.mark.parametrize("what", ["model", "out"])
-def test_eval_missing_bucket_is_one_line_naming_the_url(run, s3, what, capsys, monkeypatch, tmp_path):
+@pytest.mark.parametrize("what", ["model", "out", "pairs"])
+def test_eval_missing_bucket_or_object_is_one_line_naming_the_url(run, s3, what, capsys, monkeypatch, tmp_path):
     monkeypatch.setenv("ITSIM_STORAGE_OPTIONS", json.dumps(s3.options))
     monkeypatch.chdir(tmp_path)
     storage.upload_tree(str(run / "run" / "model"), s3.url("model"), s3.options)
-    url = f"s3://itsim-no-such-bucket/{what}"
-    places = {"model": s3.url("model"), "out": s3.url("eval"), what: url}
-    code = cli_main(["eval", "--model", places["model"], "--shards", str(run / "shards"), "--out", places["out"]])
+    url = s3.url("pairs.tsv") if what == "pairs" else f"s3://itsim-no-such-bucket/{what}"
+    places = {"model": s3.url("model"), "out": s3.url("eval"), "pairs": None, what: url}
+    pairs = ["--pairs", places["pairs"], "--images", s3.url("images")] if places["pairs"] else []
+    code = cli_main(["eval", "--model", places["model"], "--shards", str(run / "shards"), "--out", places["out"],
+                     *pairs])
     line = _error_line(code, capsys.readouterr().err)
-    assert url in line and line.endswith("bucket 'itsim-no-such-bucket' does not exist"), line
+    tail = ": not found" if what == "pairs" else ": bucket 'itsim-no-such-bucket' does not exist"
+    assert line.startswith(f"itsim eval: error: {url}") and line.endswith(tail), line
     assert list(tmp_path.iterdir()) == []  # no local `s3:` folder, nothing staged left behind
+    assert storage.files_under(s3.url("eval"), s3.options) == []  # a failed run uploads nothing
 
 
 def test_eval_wrong_credentials_is_one_line_without_the_secret(run, s3, capsys):
