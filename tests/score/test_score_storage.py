@@ -65,6 +65,20 @@ def _pairs_in_bucket(data: dict, s3) -> pd.DataFrame:
     return df
 
 
+def test_names_under_an_images_url_score_as_under_the_folder_and_cannot_leave_it(data, s3):
+    """`images_root` a URL (`--images s3://b/images`): table names resolve under it, the same numbers as
+    under the local folder; `..`, absolute names and URLs are `path_escape`, a missing object `missing`."""
+    names = [f"sub/img{i:03d}.jpg" for i in range(4)]
+    for name in names:
+        storage.upload_file(str(data["images"] / name), s3.url(f"images/{name}"), s3.options)
+    captions = [data["df"]["caption"][i] for i in range(4)]
+    local = _scorer(data["model"], images_root=data["images"]).score(names, captions)
+    remote = _scorer(data["model"], images_root=s3.url("images"), storage_options=s3.options)
+    assert np.array_equal(remote.score(names, captions), local) and not np.isnan(local).any()
+    bad = ["../outside.jpg", "/etc/passwd", s3.url("images/sub/img000.jpg"), "sub/nope.jpg"]
+    assert remote.prepare(bad, ["A dog."] * 4).errors == ["path_escape", "path_escape", "path_escape", "missing"]
+
+
 def _read_parts(url: str, options: dict) -> pd.DataFrame:
     parts = storage.glob(storage.join(url, "*.parquet"), options)
     assert parts, f"no parts under {url}"
