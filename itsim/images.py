@@ -184,6 +184,10 @@ def image_url(root: str | None, name: Any) -> str:
 def read_url(url: str, options: Mapping[str, Any] | None = None) -> bytes:
     """An image's bytes from a store; a missing object is `missing` as for a file, any other store failure
     `store_<reason>` (`store_denied`, `store_unreachable`, ...), so it costs its row, not the job."""
+    options = dict(options or {})
+    # s3fs sends a HEAD before each GET to decide on a ranged, concurrent download (only worth it for
+    # objects over 50 MiB): for an image that doubles the requests; one stream per object skips it.
+    options["s3"] = {**(options.get("s3") or {}), "max_concurrency": 1}
     try:
         data = storage.read_bytes(url, options)
     except NotFound:

@@ -16,6 +16,7 @@ import hashlib
 import logging
 import os
 from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator, Mapping, Sequence
@@ -31,6 +32,8 @@ from itsim.model.encode import autocast, rows_to_device, to_device
 from itsim.text import Vocab, normalize
 
 log = logging.getLogger(__name__)
+
+FETCH_THREADS = 16  # concurrent reads of a batch's stored images (see `_fetch_all`)
 
 __all__ = ["Scorer", "Prepared", "prepare_rows", "prepare_images", "prepare_images_keyed", "prepare_captions",
            "caption_error"]
@@ -131,29 +134,22 @@ def prepare_images_keyed(images: Sequence[Any], pre: Preprocess, images_root: st
     Rows whose `errors` entry is already set are skipped. An image repeated in the batch (five
     captions of one photo) is decoded once, and its rows share a key (see `_image_source`).
     """
-    size = pre.image_size
     errors = list(errors) if errors is not None else [None] * len(images)
     keys: list[str | None] = [None] * len(images)
-    pixels = np.zeros((len(images), size, size, 3), dtype=np.uint8)
-    cache: dict[str, np.ndarray | str] = {}
+    pixels = np.zeros((len(images), pre.image_size, pre.image_size, 3), dtype=np.uint8)
+    sources: dict[int, tuple[Any, str]] = {}
     for row, source in enumerate(images):
-        if errors[row] is not None:
-            continue
-        try:
-            readable, key = _image_source(source, images_root, base_dir)
-        except ImageError as exc:
-            errors[row] = exc.reason
-            continue
-        if key not in cache:
+        if errors[row] is None:
             try:
-                if isinstance(readable, _Remote):
-                    readable = read_url(readable.url, options)
-                cache[key] = to_array(load_image(readable, size, pre.resize, max_pixels))
+                sources[row] = _image_source(source, images_root, base_dir)
             except ImageError as exc:
-                cache[key] = exc.reason
-            except Exception:  # noqa: BLE001 - a decoder bug must cost one row, not the job
-                log.debug("unexpected error loading %r", key, exc_info=True)
-                cache[key] = "unexpected_error"
+                errors[row] = exc.reason
+    fetched = _fetch_all(list(dict.fromkeys(s.url for s, _ in sources.values() if isinstance(s, _Remote))), options)
+    cache: dict[str, np.ndarray | str] = {}
+    for row, (readable, key) in sources.items():
+        if key not in cache:
+            cache[key] = _decode(fetched[readable.url] if isinstance(readable, _Remote) else readable, key, pre,
+                                 max_pixels)
         value = cache[key]
         if isinstance(value, str):
             errors[row] = value
@@ -161,6 +157,34 @@ def prepare_images_keyed(images: Sequence[Any], pre: Preprocess, images_root: st
             pixels[row] = value
             keys[row] = key
     return pixels, errors, keys
+
+
+def _fetch_all(urls: list[str], options: Mapping[str, Any] | None) -> dict[str, bytes | ImageError]:
+    """Each distinct stored image of a batch, fetched concurrently: one GET at a time would make a store's
+    latency (20 ms an image from a local S3 server, 28x a local file) the job's pace."""
+    def fetch(url: str) -> bytes | ImageError:
+        try:
+            return read_url(url, options)
+        except ImageError as exc:
+            return exc
+
+    if not urls:
+        return {}
+    with ThreadPoolExecutor(min(FETCH_THREADS, len(urls))) as pool:
+        return dict(zip(urls, pool.map(fetch, urls)))
+
+
+def _decode(readable: Any, key: str, pre: Preprocess, max_pixels: int) -> np.ndarray | str:
+    """One image as the model's uint8 input, or the reason it cannot be used."""
+    try:
+        if isinstance(readable, ImageError):
+            raise readable
+        return to_array(load_image(readable, pre.image_size, pre.resize, max_pixels))
+    except ImageError as exc:
+        return exc.reason
+    except Exception:  # noqa: BLE001 - a decoder bug must cost one row, not the job
+        log.debug("unexpected error loading %r", key, exc_info=True)
+        return "unexpected_error"
 
 
 def prepare_captions(captions: Sequence[Any], pre: Preprocess, vocab: Vocab,
