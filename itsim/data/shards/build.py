@@ -120,7 +120,9 @@ def _checked(cfg: ShardConfig) -> ShardConfig:
     for name in ("vocab", "val_images"):
         if getattr(cfg, name) and not remote.exists(getattr(cfg, name), opts):
             raise UserError(f"--{name.replace('_', '-')} file not found: {getattr(cfg, name)}")
-    if not storage.is_url(cfg.out) and Path(cfg.out).exists() and not Path(cfg.out).is_dir():
+    if storage.is_url(cfg.out):  # no bucket, no access: say so before reading and planning every input
+        storage.exists(storage.join(cfg.out, "manifest.json"), opts)
+    elif Path(cfg.out).exists() and not Path(cfg.out).is_dir():
         raise UserError(f"--out {cfg.out} exists and is not a folder")
     return cfg
 
