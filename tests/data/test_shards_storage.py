@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from itsim.cli import main as cli_main
-from itsim.data.shards import ShardConfig, build_shards
+from itsim.data.shards import build_shards
 from test_shards import cfg_for, make_dataset, tar_hashes, write_captions
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -117,7 +117,8 @@ def test_image_names_that_leave_the_prefix_are_refused(tmp_path, s3):
     captions, images, _ = make_dataset(tmp_path, 2)
     client.put_object(Bucket=s3.name, Key="in/images/img000.jpg", Body=(images / "img000.jpg").read_bytes())
     client.put_object(Bucket=s3.name, Key="in/secret.jpg", Body=(images / "img001.jpg").read_bytes())
-    write_captions(captions, [("img000.jpg", 0, "a dog"), ("../secret.jpg", 0, "a cat"), ("/in/secret.jpg", 0, "a cow")])
+    write_captions(captions, [("img000.jpg", 0, "a dog"), ("../secret.jpg", 0, "a cat"),
+                              ("/in/secret.jpg", 0, "a cow")])
     manifest = build_shards(cfg_for(captions, s3.url("in/images"), tmp_path / "out", splits=(1.0, 0.0, 0.0),
                                     max_failure_rate=1.0, storage_options=s3.options))
     failures = [json.loads(line) for line in (tmp_path / "out" / "failures.jsonl").read_text().splitlines()]
@@ -135,7 +136,8 @@ def test_ray_tasks_upload_the_same_shards(small, tmp_path, s3, ray_local):
     manifest = build_shards(cfg_for(captions, images, s3.url("ray"), engine="ray", workers=2, storage_options=options))
     files = bucket_files(s3, "ray")
     assert {n: sha(d) for n, d in files.items() if n.endswith(".tar")} == tar_hashes(tmp_path / "local")
-    assert json.loads(files["manifest.json"]) == manifest and "itsim-test-secret" not in files["build_config.yaml"].decode()
+    assert json.loads(files["manifest.json"]) == manifest
+    assert "itsim-test-secret" not in files["build_config.yaml"].decode()
 
 
 # ---- faults --------------------------------------------------------------------------------------
@@ -197,7 +199,8 @@ def test_missing_bucket_or_wrong_credentials_is_one_line_exit_2(small, tmp_path,
         s3.server.require_auth(True)
     monkeypatch.chdir(tmp_path)
     code = cli_main(["build-shards", "--captions", str(captions), "--images", str(images), "--out", out,
-                     "--image-size", "32", "--workers", "1", "--storage-options", json.dumps({**s3.options, **FAST_FAIL})])
+                     "--image-size", "32", "--workers", "1",
+                     "--storage-options", json.dumps({**s3.options, **FAST_FAIL})])
     err = one_line_error(capsys)
     assert code == 2 and out in err and "wrong-secret-value-1234" not in err and "itsim-test-secret" not in err
     assert ("bucket 'no-such-bucket-itsim' does not exist" if fault == "no_bucket" else "access denied") in err

@@ -65,12 +65,16 @@ if os.environ.get(_PARENT_ENV) == str(os.getppid()):
         os._exit(1)
 
 
-def _init_worker(builder: int) -> None:
+def _init_worker(builder: int, environ: dict[str, str]) -> None:
     """Die with the fork server (or the builder, for spawned workers); leave at once if the builder
-    is already gone. One thread per worker: parallelism comes from the workers, not BLAS/torch threads."""
+    is already gone. Take the builder's environment of now (a fork server keeps the one it started
+    with: store credentials set since would be missing). One thread per worker: parallelism comes
+    from the workers, not BLAS/torch threads."""
     die_with_parent()
     if not _alive(builder):
         os._exit(1)
+    os.environ.clear()
+    os.environ.update(environ)
     for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
         os.environ[var] = "1"
     if "torch" in sys.modules:
@@ -114,7 +118,7 @@ def _run_processes(todo: list[ShardTask], workers: int, bar: Any) -> list[dict]:
     results = []
     start_workers_early()  # a no-op when running; else starts it so that it dies with this process
     pool = cf.ProcessPoolExecutor(workers, mp_context=_mp_context(), initializer=_init_worker,
-                                  initargs=(os.getpid(),))
+                                  initargs=(os.getpid(), dict(os.environ)))
     try:
         futures = [pool.submit(write_shard, task) for task in todo]
         for future in cf.as_completed(futures):
