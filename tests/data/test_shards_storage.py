@@ -16,6 +16,7 @@ import pytest
 
 from itsim.cli import main as cli_main
 from itsim.data.shards import build_shards
+from itsim.errors import UserError
 from test_shards import cfg_for, make_dataset, tar_hashes, write_captions
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -85,6 +86,19 @@ def test_bucket_holds_the_bytes_of_a_local_build_and_the_files_readers_need(smal
     # A repeat finds every shard complete (size and ETag as recorded) and writes nothing.
     again = build_shards(cfg_for(captions, images, s3.url("shards"), storage_options=s3.options))
     assert again["images_written_now"] == 0 and again["splits"] == stored["splits"]
+    # A shard replaced by other bytes of the same size (its ETag changes) and one without its stats are
+    # rewritten, and only they; a different config is refused before anything is touched.
+    replaced, unvouched = sorted(want)[:2]
+    client = s3.client()
+    client.put_object(Bucket=s3.name, Key=f"shards/{replaced}", Body=files[replaced][::-1])
+    client.delete_object(Bucket=s3.name, Key=f"shards/{unvouched.replace('.tar', '_stats.json')}")
+    with pytest.raises(UserError, match="config differs in image_size"):
+        build_shards(cfg_for(captions, images, s3.url("shards"), image_size=32, storage_options=s3.options))
+    assert "manifest.json" in bucket_files(s3, "shards")
+    repaired = build_shards(cfg_for(captions, images, s3.url("shards"), storage_options=s3.options))
+    redo = sum(json.loads(files[n.replace(".tar", "_stats.json")])["images_planned"] for n in (replaced, unvouched))
+    assert repaired["images_written_now"] == redo
+    assert {n: sha(d) for n, d in bucket_files(s3, "shards").items() if n.endswith(".tar")} == want
 
 
 def test_captions_and_images_from_the_bucket(small, tmp_path, s3):
