@@ -57,11 +57,11 @@ def _alive(pid: int) -> bool:
     return True
 
 
-# In the fork server this process started (see start_workers_early): die with the builder. The parent
-# may have died before the prctl: then the fork server has a new parent already, and leaves now.
-if os.environ.get(_PARENT_ENV) == str(os.getppid()):
-    _builder = int(os.environ.pop(_PARENT_ENV))
-    if die_with_parent() and os.getppid() != _builder:
+# In a fork server that a builder started (start_workers_early sets the variable only meanwhile): die
+# with the builder. The builder may have died before the prctl: the fork server has another parent
+# then, and leaves now.
+if (_builder := os.environ.pop(_PARENT_ENV, "")).isdigit():
+    if die_with_parent() and os.getppid() != int(_builder):
         os._exit(1)
 
 
