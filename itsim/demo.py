@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from itsim import config
+from itsim import config, storage
 from itsim.data import shards, synth
 from itsim.eval import EvalConfig, evaluate
 from itsim.score.ray_job import ScoreConfig, run_score
@@ -75,7 +75,7 @@ def train_config(cfg: DemoConfig, shard_dir: Path, run_dir: Path) -> TrainConfig
 
 
 def run(cfg: DemoConfig) -> dict[str, Any]:
-    out = Path(cfg.out)
+    out = Path(storage.require_local(cfg.out, "--out"))  # every stage writes below it: a local folder
     out.mkdir(parents=True, exist_ok=True)
     config.save(cfg, out / "demo_config.yaml")
     workers = cfg.workers or os.cpu_count() or 1

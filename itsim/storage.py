@@ -371,6 +371,39 @@ def upload_tree(local_dir: str, url: str, options: Mapping[str, Any] | None = No
     return ordered
 
 
+def object_info(url: str, options: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """`{"size": bytes, "etag": str | None}` of one file/object in one request (HEAD on a store).
+
+    The ETag (S3's, GCS's `md5Hash`/`etag`) changes whenever an object is replaced, so one recorded
+    at upload tells a resume check that the object is still the one uploaded without reading it;
+    local files have none (None)."""
+    loc = resolve(url, options)
+    with errors(url, loc.options):
+        if loc.fs is None:
+            return {"size": os.path.getsize(loc.path), "etag": None}
+        info = loc.fs.info(loc.path)
+        if info.get("type") == "directory":
+            raise NotFound(f"{scrub(url)}: not found")
+        etag = info.get("ETag") or info.get("etag") or info.get("md5Hash")
+        return {"size": int(info["size"]), "etag": str(etag).strip('"') if etag else None}
+
+
+class _QuietAbandonedRequests(logging.Filter):
+    """asyncio logs "Task exception was never retrieved", with a traceback, for an aiohttp request task
+    that a failed call left behind (the store went away mid-request). The failure itself reaches the
+    caller as a one-line StorageError, so that record becomes one debug line instead."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        if exc is not None and type(exc).__module__.startswith("aiohttp") and "never retrieved" in record.getMessage():
+            log.debug("a store request abandoned after a failure: %s: %s", type(exc).__name__, exc)
+            return False
+        return True
+
+
+logging.getLogger("asyncio").addFilter(_QuietAbandonedRequests())
+
+
 class PortableOptions(dict):
     """Storage options that travel to other processes (Ray tasks and actors, maybe on other nodes); the
     repr hides the values, so a task's arguments printed in a log or an error never show a credential."""

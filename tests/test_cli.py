@@ -126,7 +126,8 @@ def _parse(command: str, argv: list[str]):
 @pytest.mark.parametrize("command", list(COMMANDS))
 def test_a_config_file_gives_the_same_config_as_flags_and_flags_override_it(command, suffix, tmp_path):
     cls = CONFIGS[command]
-    # every field off its default; secret fields (storage options) are never saved, so they take no part
+    # Every field off its default; secret fields (storage options) are never saved, so a saved config
+    # cannot give them back (tests/test_storage.py checks them).
     values = {f.name: _other_value(cls, f) for f in dataclasses.fields(cls) if not f.metadata.get("secret")}
     expected = cls(**values)
     assert all(getattr(expected, k) != getattr(cls(), k) for k in values)

@@ -36,7 +36,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from itsim import __version__, config
+from itsim import __version__, config, storage
 from itsim.errors import UserError
 from itsim.model import ItsimModel, Preprocess, load_model
 from itsim.model.network import pool_outputs
@@ -345,8 +345,10 @@ def run(cfg: ExportConfig) -> dict[str, Any]:
         raise UserError("--model (a model directory, e.g. RUN/model) and --out (a new folder) are required")
     if cfg.format not in SUFFIX:
         raise UserError(f"--format {cfg.format!r}: choose onnx or torchscript")
+    # Local folders only (a URL is refused in one line): graphs are exported and run from local files.
+    model_dir = Path(storage.require_local(cfg.model, "--model")).resolve()
+    out = Path(storage.require_local(cfg.out, "--out"))
     require(cfg.format, cfg.verify)
-    model_dir, out = Path(cfg.model).resolve(), Path(cfg.out)
     model, vocab, pre = load_model(model_dir, "cpu")
     _check_out(out, model_dir, cfg.overwrite)
     specs = graphs(model, pre)

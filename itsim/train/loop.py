@@ -361,8 +361,7 @@ def finish(run: Run, last_val: dict[str, Any]) -> dict[str, Any]:
         summary["model_dir"] = str(model_dir)
         (run.out / "train_summary.json").write_text(json.dumps(summary, indent=2))
         log.info("model written to %s", model_dir)
-    if run.trackers:
-        tracking.finish(run.accelerator)
+    tracking.finish(run.accelerator)  # also with no tracker: it ends the process group (a clean exit)
     return summary
 
 

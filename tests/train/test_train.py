@@ -226,12 +226,17 @@ def test_resume_auto_ignores_incomplete_and_corrupt_checkpoints(tiny_shards, tmp
 @pytest.mark.slow
 def test_two_processes_train_in_sync_on_disjoint_data_with_one_checkpoint_writer(tiny_shards, tmp_path):
     run = tmp_path / "run"
+    script = tmp_path / "train_then_report.py"  # `-m itsim.train`, then whether the process group was ended
+    script.write_text(TRAIN_THEN_REPORT)
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "29531",
-           "-m", "itsim.train", *_train_cmd(tiny_shards, run, "--steps", "6", "--checkpoint-every", "3",
-                                              "--audit", "--workers", "1")[4:]]
+           str(script), *_train_cmd(tiny_shards, run, "--steps", "6", "--checkpoint-every", "3",
+                                    "--audit", "--workers", "1")[4:]]
     done = subprocess.run(cmd, env={**ENV, "ACCELERATE_USE_CPU": "1"}, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
+    # With no tracker (--no-tensorboard) the trainer still ends the process group: a rank that exits with
+    # it alive can abort in gloo's/NCCL's destructors.
+    assert done.stdout.count("process group alive after train: False") == 2, done.stdout[-2000:]
     audits = [[json.loads(x) for x in (run / "audit" / f"rank{r}.jsonl").read_text().splitlines()] for r in (0, 1)]
     checksums = {a[-1]["param_checksum"] for a in audits}
     assert len(checksums) == 1, "parameters differ between ranks"
@@ -255,6 +260,16 @@ def test_two_processes_train_in_sync_on_disjoint_data_with_one_checkpoint_writer
     last, exported = load_file(str(saved[-1] / "model.safetensors")), _params(run)
     assert sorted(last) == sorted(exported) and all(torch.equal(last[k], exported[k]) for k in exported)
 
+
+TRAIN_THEN_REPORT = """
+import sys
+import torch.distributed
+from itsim.cli import main
+
+code = main(["train", *sys.argv[1:]])
+print("process group alive after train:", torch.distributed.is_initialized(), flush=True)
+sys.exit(code)
+"""
 
 CHOOSER = """
 import json, sys

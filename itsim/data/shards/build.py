@@ -4,29 +4,34 @@ Plan (read captions, splits, vocab from train, deterministic order of images) ->
 with `writer.write_shard` (in-process, a process pool, or Ray tasks) -> failures.jsonl and
 manifest.json. Every input row ends up either in a shard or in failures.jsonl, and the manifest
 says so (`rows`). A re-run skips complete shards, so an interrupted build resumes; the manifest is
-written last, so its presence means the build finished.
+written last, so its presence means the build finished. `--out`, `--captions`, `--images`, `--vocab`
+and `--val-images` may be store URLs (`s3://bucket/prefix`); `remote` keeps a store's prefix consistent.
 """
 from __future__ import annotations
 
 import argparse
 import dataclasses
-import datetime
 import itertools
 import json
 import logging
 import os
 import re
 import sys
+import tempfile
 import zlib
 from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
 
-from itsim import __version__, config
+from itsim import config, storage
 from itsim.data.captions import FORMATS, read_captions
 from itsim.data.splits import assign_splits, check_fractions
-from itsim.data.shards.writer import ShardItem, ShardTask, make_keys, run_shards, start_workers_early, write_shard
+from itsim.data.shards import remote
+from itsim.data.shards.pool import run_shards, start_workers_early
+from itsim.data.shards.manifest import SPLIT_ORDER, make_manifest, write_indexes
+from itsim.data.shards.remote import INDEX_SUFFIX, basename
+from itsim.data.shards.writer import ShardItem, ShardTask, make_keys, write_shard
 from itsim.errors import UserError
 from itsim.io import atomic_write, write_error
 from itsim.images import DEFAULT_MAX_PIXELS, RESIZE_MODES
@@ -34,11 +39,10 @@ from itsim.text import Vocab, normalize
 
 log = logging.getLogger(__name__)
 
-SPLIT_ORDER = ("train", "val", "test")
 # Fields that do not change the output: a re-run may change them freely.
 RUNTIME_FIELDS = ("out", "workers", "engine", "ray_address", "overwrite", "max_failure_rate")
 _OUR_FILE = re.compile(r"^(?P<shard>[A-Za-z0-9_]+-\d{6})(\.tar|_stats\.json)(\.[0-9a-f]+\.tmp)?$")
-INDEX_SUFFIX = ".wids.json"  # OUT/{split}.wids.json: webdataset's wids shard index of one split
+PATH_FIELDS = ("captions", "images", "out", "vocab", "val_images")
 
 __all__ = ["ShardConfig", "FailureRateError", "build_shards", "write_shard", "add_cli"]
 
@@ -49,9 +53,9 @@ def _opt(default: Any, help: str) -> Any:
 
 @dataclasses.dataclass
 class ShardConfig:
-    captions: str = _opt("", "caption file (any supported format)")
-    images: str = _opt("", "folder the image names are relative to")
-    out: str = _opt("", "output folder for shards, vocab, manifest")
+    captions: str = _opt("", "caption file (any supported format); a path or URL")
+    images: str = _opt("", "folder (or store prefix) the image names are relative to")
+    out: str = _opt("", "output folder or store prefix (s3://bucket/shards) for shards, vocab, manifest")
     format: str = _opt("auto", "caption file format or auto")
     image_col: str | None = _opt(None, "image column of a generic table")
     caption_col: str | None = _opt(None, "caption column of a generic table")
@@ -72,6 +76,8 @@ class ShardConfig:
     max_pixels: int = _opt(DEFAULT_MAX_PIXELS, "refuse larger images (decompression bombs)")
     max_failure_rate: float = _opt(0.1, "exit 1 when a larger fraction of caption rows is lost")
     overwrite: bool = _opt(False, "replace an output built with another config")
+    storage_options: dict[str, Any] | None = config.secret_field(
+        None, "JSON object of extra store settings (endpoint_url, ...) for URLs; never printed or saved")
 
 
 class FailureRateError(Exception):
@@ -99,25 +105,31 @@ def _checked(cfg: ShardConfig) -> ShardConfig:
         splits = check_fractions(cfg.splits)
     except ValueError as exc:
         raise UserError(f"--splits: {exc}") from None
-    paths = {k: os.path.abspath(os.path.expanduser(v)) if v else v
-             for k, v in dataclasses.asdict(cfg).items() if k in ("captions", "images", "out", "vocab", "val_images")}
+    paths = {}
+    for name in PATH_FIELDS:
+        if value := getattr(cfg, name):  # a local path made absolute; a URL checked, `s3:/x` refused
+            loc = storage.resolve(value, cfg.storage_options)
+            paths[name] = value.rstrip("/") if loc.fs is not None else os.path.abspath(os.path.expanduser(loc.path))
     cfg = dataclasses.replace(cfg, splits=splits, **paths)
-    if not Path(cfg.captions).is_file():
+    opts = cfg.storage_options
+    if not remote.exists(cfg.captions, opts):
         raise UserError(f"caption file not found: {cfg.captions}")
-    if not Path(cfg.images).is_dir():
+    if not remote.exists(cfg.images, opts, folder=True):
         raise UserError(f"image folder not found: {cfg.images}")
     for name in ("vocab", "val_images"):
-        if getattr(cfg, name) and not Path(getattr(cfg, name)).is_file():
+        if getattr(cfg, name) and not remote.exists(getattr(cfg, name), opts):
             raise UserError(f"--{name.replace('_', '-')} file not found: {getattr(cfg, name)}")
-    if Path(cfg.out).exists() and not Path(cfg.out).is_dir():
+    if storage.is_url(cfg.out):  # no bucket, no access: say so before reading and planning every input
+        storage.exists(storage.join(cfg.out, "manifest.json"), opts)
+    elif Path(cfg.out).exists() and not Path(cfg.out).is_dir():
         raise UserError(f"--out {cfg.out} exists and is not a folder")
     return cfg
 
 
-def _read_val_images(path: str) -> list[str]:
+def _read_val_images(path: str, options: dict | None = None) -> list[str]:
     """One image name per line; for a TSV (e.g. labelled pairs) the first column; header `image` skipped."""
     names = []
-    for line in Path(path).read_text(encoding="utf-8", errors="replace").splitlines():
+    for line in storage.read_bytes(path, options).decode("utf-8", errors="replace").splitlines():
         name = line.split("\t")[0].strip()
         if name and name.lower() not in ("image", "image_name", "filename"):
             names.append(name)
@@ -152,10 +164,10 @@ def _split_empty_captions(df: Any) -> tuple[Any, list[dict]]:
     return df[~empty], failures
 
 
-def _vocab(cfg: ShardConfig, df: Any) -> Vocab:
-    if cfg.vocab:
+def _vocab(cfg: ShardConfig, df: Any, local_vocab: str | None) -> Vocab:
+    if local_vocab:
         try:
-            return Vocab.load(cfg.vocab)
+            return Vocab.load(local_vocab)
         except (OSError, ValueError, KeyError) as exc:
             raise UserError(f"--vocab {cfg.vocab}: cannot load ({exc})") from None
     train = df.loc[df["split"] == "train", "caption"].tolist()
@@ -187,14 +199,29 @@ def plan_shards(cfg: ShardConfig, df: Any, vocab: Vocab) -> list[ShardTask]:
         for n, start in enumerate(range(0, len(items), cfg.shard_size)):
             tasks.append(ShardTask(
                 name=f"{safe_split}-{n:06d}", split=split, out_dir=cfg.out, images_root=cfg.images,
-                source=Path(cfg.captions).name, items=tuple(items[start:start + cfg.shard_size]),
+                source=basename(cfg.captions), items=tuple(items[start:start + cfg.shard_size]),
                 vocab_words=tuple(vocab.words), image_size=cfg.image_size, resize=cfg.resize,
-                max_len=cfg.max_len, jpeg_quality=cfg.jpeg_quality, max_pixels=cfg.max_pixels))
+                max_len=cfg.max_len, jpeg_quality=cfg.jpeg_quality, max_pixels=cfg.max_pixels,
+                storage_options=cfg.storage_options))
     return tasks
 
 
 def _comparable(cfg_dict: dict) -> dict:
     return {k: v for k, v in cfg_dict.items() if k not in RUNTIME_FIELDS}
+
+
+def _check_old_manifest(cfg: ShardConfig, vocab: Vocab, text: str, where: str) -> None:
+    """Refuse to add to an output that an earlier build with another config or vocab made."""
+    try:
+        old = json.loads(text)
+        old_cfg, old_vocab = old["config"], old["vocab"]["hash"]
+    except (ValueError, KeyError, TypeError):
+        raise UserError(f"{where} is unreadable; use --overwrite to rebuild {cfg.out}") from None
+    new_cfg = _comparable(config.to_dict(cfg))
+    changed = sorted(k for k in set(new_cfg) | set(_comparable(old_cfg)) if new_cfg.get(k) != old_cfg.get(k))
+    if changed or old_vocab != vocab.hash:
+        what = f"config differs in {', '.join(changed)}" if changed else "the vocab differs"
+        raise UserError(f"{cfg.out} holds shards built differently ({what}); use --overwrite or another --out")
 
 
 def _prepare_out(cfg: ShardConfig, vocab: Vocab, tasks: list[ShardTask]) -> None:
@@ -203,15 +230,10 @@ def _prepare_out(cfg: ShardConfig, vocab: Vocab, tasks: list[ShardTask]) -> None
     manifest_path = out / "manifest.json"
     if manifest_path.exists() and not cfg.overwrite:
         try:
-            old = json.loads(manifest_path.read_text())
-            old_cfg, old_vocab = old["config"], old["vocab"]["hash"]
-        except (OSError, ValueError, KeyError, TypeError):
+            text = manifest_path.read_text()
+        except OSError:
             raise UserError(f"{manifest_path} is unreadable; use --overwrite to rebuild {out}") from None
-        new_cfg = _comparable(config.to_dict(cfg))
-        changed = sorted(k for k in set(new_cfg) | set(_comparable(old_cfg)) if new_cfg.get(k) != old_cfg.get(k))
-        if changed or old_vocab != vocab.hash:
-            what = f"config differs in {', '.join(changed)}" if changed else "the vocab differs"
-            raise UserError(f"{out} holds shards built differently ({what}); use --overwrite or another --out")
+        _check_old_manifest(cfg, vocab, text, str(manifest_path))
     planned = {t.name for t in tasks}
     for path in sorted(out.iterdir()):
         match = _OUR_FILE.match(path.name)
@@ -233,106 +255,39 @@ def _write_error(out: Path, exc: OSError) -> str:
             "same command again")
 
 
-def brace_pattern(names: list[str]) -> str | None:
-    """`train-{000000..000012}.tar` for a split's shards (numbered from 0 without gaps, as planned): the
-    URL form webdataset, open_clip and img2dataset tools take; one shard is its own name."""
-    if len(names) <= 1:
-        return names[0] if names else None
-    prefix = names[0][: -len("000000.tar")]
-    return f"{prefix}{{{0:06d}..{len(names) - 1:06d}}}.tar"
-
-
-def wids_index(tasks: list[ShardTask], stats: list[dict]) -> dict:
-    """One split's shard index in the format webdataset's `widsindex create` writes (wids_index.py:
-    `__kind__` "wids-shard-index-v1", `wids_version` 1, `shardlist` of url/md5sum/nsamples/filesize), so
-    `wids.ShardListDataset("OUT/train.wids.json")` gives indexed access. URLs are relative: wids resolves
-    them against the index file's folder, so the folder can move."""
-    return {"__kind__": "wids-shard-index-v1", "wids_version": 1,
-            "shardlist": [{"url": f"{t.name}.tar", "md5sum": s["md5"], "nsamples": s["images_ok"],
-                           "filesize": s["bytes"]} for t, s in zip(tasks, stats)]}
-
-
-def _write_indexes(out: Path, tasks: list[ShardTask], stats: list[dict]) -> dict[str, str]:
-    """`OUT/{split}.wids.json` for each split with shards (old ones of splits now empty are removed);
-    returns split -> file name."""
-    by_split: dict[str, tuple[list, list]] = {}
-    for task, s in zip(tasks, stats):
-        group = by_split.setdefault(task.split, ([], []))
-        group[0].append(task)
-        group[1].append(s)
-    names = {}
-    for split, (split_tasks, split_stats) in by_split.items():
-        names[split] = f"{split_tasks[0].name.rsplit('-', 1)[0]}{INDEX_SUFFIX}"
-        atomic_write(out / names[split], json.dumps(wids_index(split_tasks, split_stats), indent=1))
-    for stale in set(p.name for p in out.glob(f"*{INDEX_SUFFIX}")) - set(names.values()):
-        (out / stale).unlink()
-    return names
-
-
-def _manifest(cfg: ShardConfig, report: Any, vocab: Vocab, tasks: list[ShardTask], stats: list[dict],
-              failures: list[dict], images_lost: int, split_report: dict, images_now: int,
-              seconds: float, indexes: dict[str, str]) -> dict:
-    splits: dict[str, dict] = {}
-    empty = {"images": 0, "captions": 0, "n_shards": 0, "shards": [], "samples_per_shard": [], "pattern": None,
-             "index": None}
-    for task, s in zip(tasks, stats):
-        # `shards` lists file names (itsim.data.loader reads it); `n_shards` is its length; `images` is
-        # the split's sample count (one sample per image), `samples_per_shard` the same per shard.
-        entry = splits.setdefault(task.split, json.loads(json.dumps(empty)))
-        entry["images"] += s["images_ok"]
-        entry["captions"] += s["captions"]
-        entry["n_shards"] += 1
-        entry["shards"].append(f"{task.name}.tar")
-        entry["samples_per_shard"].append(s["images_ok"])
-    for split, entry in splits.items():
-        entry["pattern"], entry["index"] = brace_pattern(entry["shards"]), indexes.get(split)
-    for split in SPLIT_ORDER:
-        splits.setdefault(split, json.loads(json.dumps(empty)))
-    by_reason: dict[str, dict[str, int]] = {}
-    for f in failures:
-        entry = by_reason.setdefault(f["reason"], {"records": 0, "caption_rows": 0})
-        entry["records"] += 1
-        entry["caption_rows"] += f["caption_rows"]
-    rows_failed = sum(f["caption_rows"] for f in failures)
-    rows_in_shards = sum(s["captions"] for s in stats)
-    return {
-        "itsim_version": __version__,
-        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "source": {"captions": cfg.captions, "file": Path(cfg.captions).name, "format": report.format,
-                   "images": cfg.images},
-        "config": config.to_dict(cfg),
-        "splits": {k: splits[k] for k in [*SPLIT_ORDER, *sorted(set(splits) - set(SPLIT_ORDER))]},
-        "split_report": split_report,
-        "vocab": {"file": "vocab.json", "hash": vocab.hash, "size": len(vocab), "source": cfg.vocab or "train split"},
-        "reader": report.to_dict(),
-        "failures": {"file": "failures.jsonl", "records": len(failures), "caption_rows": rows_failed,
-                     "images": images_lost + sum(s["images_planned"] - s["images_ok"] for s in stats),
-                     "by_reason": dict(sorted(by_reason.items()))},
-        "rows": {"input": report.rows_in, "in_shards": rows_in_shards, "in_failures": rows_failed,
-                 "accounted": rows_in_shards + rows_failed},
-        "failure_rate": rows_failed / max(report.rows_in, 1),
-        "images_written_now": images_now, "seconds": round(seconds, 2),
-        "images_per_second": round(images_now / seconds, 1) if seconds > 0 and images_now else None,
-    }
-
-
 def build_shards(cfg: ShardConfig) -> dict:
     """Build (or resume) the shards described by `cfg`; returns the manifest.
 
-    Raises UserError for unusable input and FailureRateError (after writing every output) when
-    more than `max_failure_rate` of the caption rows were lost.
+    Raises UserError for unusable input (a StorageError for a store that fails) and FailureRateError
+    (after writing every output) when more than `max_failure_rate` of the caption rows were lost.
     """
     if cfg.engine == "processes" and cfg.workers != 1:
         start_workers_early()  # the fork server imports its modules while this process imports pandas and plans
     cfg = _checked(cfg)
     log.info(config.describe(cfg))
-    out = Path(cfg.out)
+    with tempfile.TemporaryDirectory(prefix="itsim-build-shards-") as staging:
+        manifest = _build(cfg, Path(staging))
+    if manifest["failure_rate"] > cfg.max_failure_rate:
+        rows = manifest["rows"]
+        raise FailureRateError(
+            f"{rows['in_failures']} of {rows['input']} caption rows failed ({manifest['failure_rate']:.1%} > "
+            f"--max-failure-rate {cfg.max_failure_rate:.1%}); see {storage.join(cfg.out, 'failures.jsonl')}",
+            manifest)
+    return manifest
+
+
+def _build(cfg: ShardConfig, staging: Path) -> dict:
+    """The build; inputs at URLs are downloaded to `staging`, and for an --out URL the small files are
+    written in `staging/out` and uploaded at the end (shards are uploaded by their workers)."""
+    opts, is_remote = cfg.storage_options, storage.is_url(cfg.out)
+    out = staging / "out" if is_remote else Path(cfg.out)
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise UserError(f"cannot create --out {out}: {exc.strerror or exc}") from None
 
-    df, report = read_captions(cfg.captions, cfg.format, cfg.image_col, cfg.caption_col)
+    df, report = read_captions(remote.fetch(cfg.captions, staging, opts), cfg.format, cfg.image_col,
+                               cfg.caption_col)
     if report.rows_in == 0:
         raise UserError(f"{cfg.captions}: no caption rows")
     failures = _reader_failures(report)
@@ -340,23 +295,28 @@ def build_shards(cfg: ShardConfig) -> dict:
     df, empty = _split_empty_captions(df)
     failures += empty
     images_lost = n_images - df["image"].nunique()  # every caption empty
-    val_images = _read_val_images(cfg.val_images) if cfg.val_images else None
+    val_images = _read_val_images(cfg.val_images, opts) if cfg.val_images else None
     df = assign_splits(df, cfg.splits, cfg.seed, val_images)
     split_report = dict(df.attrs.get("split_report", {}))
-    vocab = _vocab(cfg, df)
+    vocab = _vocab(cfg, df, remote.fetch(cfg.vocab, staging, opts))
     tasks = plan_shards(cfg, df, vocab)
-    _prepare_out(cfg, vocab, tasks)
+    done = None
+    if is_remote:
+        done = remote.prepare(cfg.out, opts, tasks, cfg.overwrite,
+                              lambda text, where: _check_old_manifest(cfg, vocab, text, where), _OUR_FILE)
+    else:
+        _prepare_out(cfg, vocab, tasks)
     try:
         vocab.save(out / "vocab.json")
         config.save(cfg, out / "build_config.yaml")  # `--config OUT/build_config.yaml` repeats this build
 
-        stats, images_now, seconds = run_shards(tasks, cfg.workers, cfg.engine, cfg.ray_address)
+        stats, images_now, seconds = run_shards(tasks, cfg.workers, cfg.engine, cfg.ray_address, done)
         for s in stats:
             failures += s["failures"]
         atomic_write(out / "failures.jsonl", "".join(json.dumps(f, ensure_ascii=False) + "\n" for f in failures))
-        indexes = _write_indexes(out, tasks, stats)
-        manifest = _manifest(cfg, report, vocab, tasks, stats, failures, images_lost, split_report, images_now,
-                             seconds, indexes)
+        indexes = write_indexes(out, tasks, stats)
+        manifest = make_manifest(cfg, report, vocab, tasks, stats, failures, images_lost, split_report, images_now,
+                                 seconds, indexes)
         rows = manifest["rows"]
         if rows["accounted"] != rows["input"]:  # a bug in the accounting, not bad input
             log.error("row accounting mismatch: %d input rows, %d in shards + %d in failures",
@@ -364,12 +324,13 @@ def build_shards(cfg: ShardConfig) -> dict:
         for reason, counts in manifest["failures"]["by_reason"].items():
             log.warning("failures: %s: %d records, %d caption rows", reason, counts["records"], counts["caption_rows"])
         atomic_write(out / "manifest.json", json.dumps(manifest, indent=1, ensure_ascii=False))
+        if is_remote:
+            remote.publish(out, cfg.out, opts, indexes)
+    except storage.StorageError as exc:  # the store failed: what it holds is complete, the rest is missing
+        raise storage.StorageError(f"{exc}; shards already stored are kept: run the same command again to "
+                                   "resume", exc.reason, exc.transient) from None
     except OSError as exc:  # the output side: a full disk, a read-only or vanished --out
         raise UserError(_write_error(out, exc)) from None
-    if manifest["failure_rate"] > cfg.max_failure_rate:
-        raise FailureRateError(
-            f"{rows['in_failures']} of {rows['input']} caption rows failed ({manifest['failure_rate']:.1%} > "
-            f"--max-failure-rate {cfg.max_failure_rate:.1%}); see {out / 'failures.jsonl'}", manifest)
     return manifest
 
 

@@ -1,34 +1,39 @@
-"""Writing shards: one shard is the unit of work that processes and Ray tasks run, and of resume.
+"""Writing ONE shard: the unit of work that processes and Ray tasks run (`pool`), and of resume.
 
 A shard is written to a temporary name and renamed only when complete, then its `_stats.json` is
 written the same way; a shard counts as done only when both exist and the stats name the same plan
 (`plan_hash`) and byte size. Everything that goes into the tar is a pure function of the task
 (fixed member order, mtime 0, fixed owner), so the bytes do not depend on which worker wrote it.
 
+With a URL as `out_dir` the worker writes the tar into a temp folder of its own machine, uploads it
+(visible only once complete), records the object's ETag in the stats and uploads the stats after it;
+with a URL as `images_root` it reads images from that prefix, a few requests in flight at a time.
+
 Kept free of torch/webdataset imports so that worker processes start fast.
 """
 from __future__ import annotations
 
+import collections
 import concurrent.futures as cf
 import dataclasses
 import hashlib
 import io
 import json
 import logging
-import multiprocessing
 import os
+import posixpath
 import re
-import sys
 import tarfile
+import tempfile
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator, Mapping
 
 import numpy as np
 
-from itsim.io import atomic_write, ray_session, temp_name
+from itsim import storage
+from itsim.io import atomic_write, temp_name
 from itsim.images import ImageError, encode_jpeg, load_image, safe_path_in
-from itsim.progress import every_tenth, progress
 from itsim.text import Vocab
 
 log = logging.getLogger(__name__)
@@ -39,6 +44,7 @@ _KEY_MAX = 60  # USTAR member names are limited to 100 characters; key + ".lengt
 # first caption) is for other readers (open_clip `--wds-caption-key txt`, img2dataset-style pipelines);
 # `json` keeps every caption; itsim's own readers use json and the token arrays.
 MEMBERS = ("ids.npy", "jpg", "json", "lengths.npy", "txt")
+FETCH_AHEAD = 8  # image requests in flight per worker when images come from a store
 
 
 @dataclasses.dataclass(frozen=True)
@@ -67,14 +73,21 @@ class ShardTask:
     max_len: int = 100
     jpeg_quality: int = 95
     max_pixels: int = 64 * 1024 * 1024
+    # For URLs in out_dir / images_root; may hold credentials: never in repr, the plan hash or the stats.
+    storage_options: Mapping[str, Any] | None = dataclasses.field(default=None, repr=False, compare=False)
 
     @property
-    def tar_path(self) -> Path:
-        return Path(self.out_dir) / f"{self.name}.tar"
+    def remote(self) -> bool:
+        return storage.is_url(self.out_dir)
 
     @property
-    def stats_path(self) -> Path:
-        return Path(self.out_dir) / f"{self.name}_stats.json"
+    def tar_path(self) -> str:
+        """The shard's path, or URL when `out_dir` is one."""
+        return storage.join(self.out_dir, f"{self.name}.tar")
+
+    @property
+    def stats_path(self) -> str:
+        return storage.join(self.out_dir, f"{self.name}_stats.json")
 
     def plan_hash(self) -> str:
         """Identifies what this shard should contain; independent of where OUT lives."""
@@ -82,6 +95,7 @@ class ShardTask:
         # shard's time); the hash is stored in _stats.json, so it changes only when a shard's content does.
         fields: dict[str, Any] = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
         fields.pop("out_dir")
+        fields.pop("storage_options")
         fields["items"] = [{f.name: getattr(item, f.name) for f in dataclasses.fields(item)} for item in self.items]
         fields["vocab_words"] = hashlib.sha256("\n".join(self.vocab_words).encode()).hexdigest()
         # What a sample holds is part of the plan: shards written before a member was added are rewritten.
@@ -197,13 +211,21 @@ class _TarOut:
 
 
 def read_complete_stats(task: ShardTask) -> dict | None:
-    """The stats of a finished shard of this exact plan, or None when it must be (re)written."""
+    """The stats of a finished shard of this exact plan, or None when it must be (re)written.
+
+    On a store: the stats object (uploaded after the shard) and one HEAD of the shard, whose size and
+    ETag must be the ones recorded at upload. The recorded SHA-256 was computed from the very bytes
+    uploaded; re-reading every shard to recompute it would download the whole dataset on each resume.
+    A missing bucket or refused credentials raise (a StorageError) rather than mean "not written yet".
+    """
     try:
-        stats = json.loads(task.stats_path.read_text())
-        size = task.tar_path.stat().st_size
-    except (OSError, ValueError):
+        stats = json.loads(storage.read_text(task.stats_path, task.storage_options))
+        info = storage.object_info(task.tar_path, task.storage_options)
+    except (OSError, ValueError):  # storage.NotFound is an OSError too
         return None
-    if stats.get("plan_hash") != task.plan_hash() or stats.get("bytes") != size:
+    if stats.get("plan_hash") != task.plan_hash() or stats.get("bytes") != info["size"]:
+        return None
+    if task.remote and stats.get("etag") != info["etag"]:
         return None
     return stats
 
@@ -213,25 +235,77 @@ def _failure(task: ShardTask, item: ShardItem, reason: str, detail: str) -> dict
             "caption_rows": len(item.captions), "shard": task.name}
 
 
-def write_shard(task: ShardTask, progress: Callable[[int], None] | None = None) -> dict:
-    """Write one complete shard and its stats; returns the stats (failures included).
+def _remote_image(root: str, name: str, options: Mapping[str, Any] | None) -> bytes:
+    """An image's bytes from a store prefix; names that would leave the prefix are refused as a local
+    path escaping its folder is, a missing object is `missing` as a missing file is."""
+    if not isinstance(name, str) or not name.strip() or "\x00" in name:
+        raise ImageError("bad_name", repr(name))
+    clean = posixpath.normpath(name)
+    if name.startswith("/") or "://" in name or clean == ".." or clean.startswith("../"):
+        raise ImageError("path_escape", f"{name!r} is outside the image prefix")
+    url = storage.join(root, clean)
+    try:
+        data = storage.read_bytes(url, options)
+    except storage.NotFound:
+        raise ImageError("missing", url) from None
+    if not data:
+        raise ImageError("empty_file", url)
+    return data
 
-    A bad image is recorded and skipped; only an output error (disk full) makes this raise.
+
+def _image_sources(task: ShardTask) -> Iterator[tuple[ShardItem, Any]]:
+    """(item, path or bytes or the error met finding it), in the task's order.
+
+    Local images are opened by `load_image` as the loop reaches them. Images on a store are fetched
+    FETCH_AHEAD at a time by threads, so a shard does not wait out one round trip per image; a store
+    error other than a missing object (denied, unreachable) raises: the shard fails, nothing is lost.
     """
+    if not storage.is_url(task.images_root):
+        root = Path(task.images_root).resolve()  # once per shard, not per image (safe_path would redo it)
+        for item in task.items:
+            try:
+                source: Any = safe_path_in(root, item.image)
+            except Exception as exc:  # noqa: BLE001 - recorded by the caller, as any error on this image
+                source = exc
+            yield item, source
+        return
+
+    def fetch(item: ShardItem) -> Any:
+        try:
+            return _remote_image(task.images_root, item.image, task.storage_options)
+        except ImageError as exc:
+            return exc
+
+    with cf.ThreadPoolExecutor(FETCH_AHEAD) as pool:
+        pending: collections.deque = collections.deque()
+        items = iter(task.items)
+        for item in items:
+            pending.append((item, pool.submit(fetch, item)))
+            if len(pending) >= FETCH_AHEAD:
+                break
+        while pending:
+            item, future = pending.popleft()
+            nxt = next(items, None)
+            if nxt is not None:
+                pending.append((nxt, pool.submit(fetch, nxt)))
+            yield item, future.result()
+
+
+def _write_tar(task: ShardTask, path: Path, progress: Callable[[int], None] | None) -> dict:
+    """Write the tar at `path` (a temp name renamed when complete); returns its stats."""
     start = time.perf_counter()
     vocab = Vocab(task.vocab_words)
-    root = Path(task.images_root).resolve()  # once per shard, not per image (safe_path would redo it)
-    task.stats_path.unlink(missing_ok=True)  # a stale stats file must never vouch for a new tar
-    tmp = temp_name(task.tar_path)
+    tmp = temp_name(path)
     failures: list[dict] = []
     images_ok = captions = 0
     try:
         with open(tmp, "wb") as fh:
             tar = _TarOut(fh)
-            for item in task.items:
+            for item, source in _image_sources(task):
                 try:
-                    path = safe_path_in(root, item.image)
-                    img = load_image(path, task.image_size, task.resize, task.max_pixels)
+                    if isinstance(source, Exception):
+                        raise source
+                    img = load_image(source, task.image_size, task.resize, task.max_pixels)
                     jpg = encode_jpeg(img, task.jpeg_quality)
                 except ImageError as exc:
                     failures.append(_failure(task, item, exc.reason, str(exc).removeprefix(f"{exc.reason}: ")))
@@ -254,7 +328,7 @@ def write_shard(task: ShardTask, progress: Callable[[int], None] | None = None) 
             tar.finish()
             fh.flush()
             os.fsync(fh.fileno())
-        os.replace(tmp, task.tar_path)
+        os.replace(tmp, path)
     except BaseException:  # a full disk (or Ctrl-C) must not leave a partial temp file behind
         tmp.unlink(missing_ok=True)
         raise
@@ -262,7 +336,7 @@ def write_shard(task: ShardTask, progress: Callable[[int], None] | None = None) 
     by_reason: dict[str, int] = {}
     for f in failures:
         by_reason[f["reason"]] = by_reason.get(f["reason"], 0) + 1
-    stats = {
+    return {
         "shard": task.name, "split": task.split, "plan_hash": task.plan_hash(),
         "images_planned": len(task.items), "images_ok": images_ok, "captions": captions,
         "caption_rows_failed": sum(f["caption_rows"] for f in failures),
@@ -270,93 +344,29 @@ def write_shard(task: ShardTask, progress: Callable[[int], None] | None = None) 
         "bytes": tar.size, "sha256": tar.sha.hexdigest(), "md5": tar.md5.hexdigest(),
         "seconds": round(seconds, 3), "images_per_second": round(len(task.items) / max(seconds, 1e-9), 1),
     }
-    atomic_write(task.stats_path, json.dumps(stats, indent=1))
+
+
+def write_shard(task: ShardTask, progress: Callable[[int], None] | None = None) -> dict:
+    """Write one complete shard and its stats; returns the stats (failures included).
+
+    A bad image is recorded and skipped; only an output error (disk full, the store failing) makes
+    this raise. A stale stats file is removed first: it must never vouch for a new tar.
+    """
+    if not task.remote:
+        Path(task.stats_path).unlink(missing_ok=True)
+        stats = _write_tar(task, Path(task.tar_path), progress)
+        atomic_write(task.stats_path, json.dumps(stats, indent=1))
+        return stats
+    options = task.storage_options
+    storage.delete(task.stats_path, options)
+    with tempfile.TemporaryDirectory(prefix=f"itsim-{task.name}-") as staging:
+        local = Path(staging) / f"{task.name}.tar"
+        stats = _write_tar(task, local, progress)
+        storage.upload_file(str(local), task.tar_path, options)
+    info = storage.object_info(task.tar_path, options)
+    if info["size"] != stats["bytes"]:
+        raise storage.StorageError(f"{task.tar_path}: the store holds {info['size']} bytes after an upload of "
+                                   f"{stats['bytes']}", "changed")
+    stats["etag"] = info["etag"]
+    storage.write_text(task.stats_path, json.dumps(stats, indent=1), options)
     return stats
-
-
-# ---- running many shards ----------------------------------------------------------------------
-
-def _init_worker() -> None:
-    """One thread per worker: parallelism comes from the workers, not from BLAS/torch threads."""
-    for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
-        os.environ[var] = "1"
-    if "torch" in sys.modules:
-        sys.modules["torch"].set_num_threads(1)
-
-
-def _mp_context() -> multiprocessing.context.BaseContext:
-    """A fork server where there is one (safe when the caller has threads), else spawn.
-
-    The fork server imports this module (numpy, PIL) once, so each worker forked from it starts ready
-    instead of spending ~0.15 s importing it, on every build. `__main__` stays preloaded as by default.
-    This only affects a fork server this process has not started yet.
-    """
-    if "forkserver" not in multiprocessing.get_all_start_methods():
-        return multiprocessing.get_context("spawn")
-    ctx = multiprocessing.get_context("forkserver")
-    ctx.set_forkserver_preload(["__main__", __name__])
-    return ctx
-
-
-def start_workers_early() -> None:
-    """Start the fork server now, so that it imports while the caller reads captions and plans shards.
-
-    Costs an idle process when the plan turns out to need no pool; saves its start-up when it does.
-    """
-    if _mp_context().get_start_method() == "forkserver":
-        from multiprocessing import forkserver
-
-        forkserver.ensure_running()
-
-
-def _run_processes(todo: list[ShardTask], workers: int, bar: Any) -> list[dict]:
-    if workers <= 1:
-        return [write_shard(task, progress=bar.update) for task in todo]
-    results = []
-    pool = cf.ProcessPoolExecutor(workers, mp_context=_mp_context(), initializer=_init_worker)
-    try:
-        futures = [pool.submit(write_shard, task) for task in todo]
-        for future in cf.as_completed(futures):
-            stats = future.result()
-            bar.update(stats["images_planned"])
-            results.append(stats)
-    finally:  # on Ctrl-C or an error, do not start the queued shards
-        pool.shutdown(wait=True, cancel_futures=True)
-    return results
-
-
-def _run_ray(todo: list[ShardTask], workers: int, address: str | None, bar: Any) -> list[dict]:
-    with ray_session(address, num_cpus=workers or None) as ray:
-        remote = ray.remote(num_cpus=1, max_retries=2)(write_shard)
-        pending = [remote.remote(task) for task in todo]
-        results = []
-        while pending:
-            done, pending = ray.wait(pending, num_returns=1)
-            for stats in ray.get(done):
-                bar.update(stats["images_planned"])
-                results.append(stats)
-        return results
-
-
-def run_shards(tasks: list[ShardTask], workers: int = 0, engine: str = "processes",
-               ray_address: str | None = None) -> tuple[list[dict], int, float]:
-    """Write the shards that are not complete yet, with `workers` processes (0 = all CPUs) or Ray tasks.
-
-    Returns the stats of every task in plan order, the images written now and the seconds taken.
-    """
-    done = {t.name: s for t in tasks if (s := read_complete_stats(t)) is not None}
-    # Largest shards first, so the last few small ones fill in around them (output order is the plan's).
-    todo = sorted((t for t in tasks if t.name not in done), key=lambda t: -len(t.items))
-    if done:
-        log.info("resuming: %d of %d shards already complete, %d to write", len(done), len(tasks), len(todo))
-    n_workers = min(workers or os.cpu_count() or 1, max(len(todo), 1))
-    n_images = sum(len(t.items) for t in todo)
-    start = time.perf_counter()
-    with progress(n_images, "build-shards", "img", logger=log, every=every_tenth(n_images), smoothing=0.1,
-                  mininterval=0.5) as bar:
-        if todo and engine == "ray":
-            results = _run_ray(todo, workers, ray_address, bar)
-        else:
-            results = _run_processes(todo, n_workers, bar)
-    done.update({s["shard"]: s for s in results})
-    return [done[t.name] for t in tasks], n_images, time.perf_counter() - start

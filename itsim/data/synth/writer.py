@@ -16,13 +16,14 @@ import logging
 import multiprocessing
 import time
 from concurrent.futures import ProcessPoolExecutor
+import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
-from itsim import config
+from itsim import config, storage
 from itsim.data.synth.captions import COL_NAMES, PLURALS, ROW_NAMES, TEMPLATES, make_captions
 from itsim.data.synth.scene import (BACKGROUNDS, COLOURS, DISTRACTOR_RGB, SHAPES, TEXTURES, Group, Item, Scene,
                                     make_scene, render)
@@ -99,6 +100,7 @@ def _validate(cfg: SynthConfig) -> None:
 def run(cfg: SynthConfig, progress: bool = True) -> Path:
     """Write the images, then results.csv (atomically, so a CSV never names a missing image)."""
     _validate(cfg)
+    cfg = dataclasses.replace(cfg, out=storage.require_local(cfg.out, "--out"))  # a URL: one line, exit 2
     out = Path(cfg.out)
     try:
         (out / "images").mkdir(parents=True, exist_ok=True)
