@@ -1,0 +1,103 @@
+"""Training loader from an object store: decoded images/s streaming the same shards from a local S3
+server vs from local disk, same loader, same 2 DataLoader workers, measured in the same run.
+
+Both sides are `make_loader` over the train split as `itsim train` builds it (`split_shards`, then
+each worker opening its shards itself: a local file, or `storage.open_input` through s3fs with
+retries), batches of 32, repeats interleaved. The server is moto's ThreadedMotoServer on 127.0.0.1
+(as tests/s3server.py starts it) inside this process: its request handling shares the machine's
+cores with the workers, and there is no network latency or bandwidth limit, so the ratio measures
+itsim's store path (HTTP requests, block reads, copies) rather than a real store. Goal: >= 0.8.
+"""
+from __future__ import annotations
+
+import os
+import time
+from itertools import islice
+from pathlib import Path
+from typing import Any, Iterator
+
+import common
+
+SIZES = {"tiny": (24, 32, 4, 1), "quick": (160, 299, 12, 2), "full": (400, 299, 24, 3)}  # images, px, batches, repeats
+BATCH = 32
+WORKERS = 2
+BUCKET = "itsim-bench"
+CREDENTIALS = {"AWS_ACCESS_KEY_ID": "bench-key", "AWS_SECRET_ACCESS_KEY": "bench-secret",
+               "AWS_DEFAULT_REGION": "us-east-1"}
+
+
+def start_server() -> tuple[Any, dict[str, Any]]:
+    """A moto S3 server on a free port with one bucket; (server, storage options pointing at it)."""
+    import logging
+
+    import boto3
+    from moto.server import ThreadedMotoServer
+
+    logging.getLogger("werkzeug").setLevel(logging.WARNING)
+    os.environ.update(CREDENTIALS)  # dummy credentials, inherited by the loader's workers
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    endpoint = f"http://127.0.0.1:{server.get_host_and_port()[1]}"
+    boto3.client("s3", endpoint_url=endpoint).create_bucket(Bucket=BUCKET)
+    return server, {"endpoint_url": endpoint}
+
+
+def images(source: str, options: dict[str, Any] | None, n_train: int) -> Iterator[int]:
+    """Decoded images per batch of the training loader over `source` (a folder or a store URL)."""
+    from itsim.data.loader import StreamSpec, batches_per_epoch, make_loader, split_shards
+
+    spec = StreamSpec(shards=split_shards(source, "train", options), batch_size=BATCH, seed=0, shuffle_buffer=256,
+                      batches_per_epoch=batches_per_epoch(n_train, BATCH, 1), options=options)
+    for batch in make_loader(spec, workers=WORKERS):
+        yield batch["images"].shape[0]
+
+
+def rate(stream: Iterator[int], n_batches: int) -> float:
+    start = time.perf_counter()
+    n = sum(islice(stream, n_batches))
+    return n / (time.perf_counter() - start)
+
+
+def main(argv: list[str] | None = None) -> int:
+    from itsim import storage
+    from itsim.data.loader import read_manifest
+
+    args = common.parser(__doc__.splitlines()[0]).parse_args(argv)
+    common.setup_logging()
+    mode = common.mode_of(args)
+    n_images, size, n_batches, repeats = SIZES[mode]
+    repeats = args.repeats or repeats
+    rec = common.Recorder("storage", mode, args.out, **({"run_id": args.run_id} if args.run_id else {}))
+    rec.machine()
+    data = common.synth_data(args.cache, n_images, *((96, 160) if mode == "tiny" else (320, 640)))
+    shards = common.shards_for(args.cache, data, size, shard_size=max(4, n_images // 16))
+    server, options = start_server()
+    try:
+        url = f"s3://{BUCKET}/shards"
+        storage.upload_tree(str(shards), url, options, last=("manifest.json",))
+        n_train = read_manifest(shards)["splits"]["train"]["images"]
+        streams = {"loader from local disk, workers=2": images(str(shards), None, n_train),
+                   "loader from S3 (local moto server), workers=2": images(url, options, n_train)}
+        for stream in streams.values():  # start the workers, drain their prefetch queues
+            list(islice(stream, 10 if mode != "tiny" else 2))
+        rates: dict[str, list[float]] = {name: [] for name in streams}
+        for _ in range(repeats):
+            for name, stream in streams.items():
+                rates[name].append(rate(stream, n_batches))
+        for stream in streams.values():
+            stream.close()  # type: ignore[attr-defined]  # ends the DataLoader workers
+    finally:
+        server.stop()
+    params = {"images": n_images, "image_size": size, "batch": BATCH, "workers": WORKERS,
+              "batches_per_repeat": n_batches, "shards": len(list(Path(shards).glob("train-*.tar")))}
+    measured = {name: rec.measure(name, "decoded images/s", "images/s", values, **params)
+                for name, values in rates.items()}
+    rec.ratio("decoded images/s, loader from S3 vs from local disk, 2 workers",
+              measured["loader from S3 (local moto server), workers=2"], measured["loader from local disk, workers=2"],
+              target=0.8, note="same shards, same loader and workers; the server runs in the benchmark's process "
+                               "on the same cores, without network latency")
+    return common.finish(rec)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
