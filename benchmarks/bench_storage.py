@@ -62,7 +62,11 @@ def main(argv: list[str] | None = None) -> int:
     from itsim import storage
     from itsim.data.loader import read_manifest
 
-    args = common.parser(__doc__.splitlines()[0]).parse_args(argv)
+    p = common.parser(__doc__.splitlines()[0])
+    p.add_argument("--shard-size", type=int, default=0,
+                   help="images per shard (default: bench_loader's, 1/16 of the images; itsim's default is 1000, "
+                        "so small shards show the per-shard cost of a store at its largest)")
+    args = p.parse_args(argv)
     common.setup_logging()
     mode = common.mode_of(args)
     n_images, size, n_batches, repeats = SIZES[mode]
@@ -70,7 +74,7 @@ def main(argv: list[str] | None = None) -> int:
     rec = common.Recorder("storage", mode, args.out, **({"run_id": args.run_id} if args.run_id else {}))
     rec.machine()
     data = common.synth_data(args.cache, n_images, *((96, 160) if mode == "tiny" else (320, 640)))
-    shards = common.shards_for(args.cache, data, size, shard_size=max(4, n_images // 16))
+    shards = common.shards_for(args.cache, data, size, shard_size=args.shard_size or max(4, n_images // 16))
     server, options = start_server()
     try:
         url = f"s3://{BUCKET}/shards"
@@ -89,7 +93,8 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         server.stop()
     params = {"images": n_images, "image_size": size, "batch": BATCH, "workers": WORKERS,
-              "batches_per_repeat": n_batches, "shards": len(list(Path(shards).glob("train-*.tar")))}
+              "batches_per_repeat": n_batches, "train_shards": len(list(Path(shards).glob("train-*.tar"))),
+              "shard_size": args.shard_size or max(4, n_images // 16)}
     measured = {name: rec.measure(name, "decoded images/s", "images/s", values, **params)
                 for name, values in rates.items()}
     rec.ratio("decoded images/s, loader from S3 vs from local disk, 2 workers",

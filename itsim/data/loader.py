@@ -40,8 +40,8 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from webdataset.filters import _shuffle
 
-from itsim.data.source import (SAMPLE_KEYS, load_vocab, one_line_errors, read_manifest, select as _select,
-                               shard_samples, split_shards)
+from itsim.data.source import (SAMPLE_KEYS, load_vocab, one_line_errors, read_manifest, shard_samples,
+                               split_shards)
 from itsim.errors import UserError
 from itsim.images import DEFAULT_MAX_PIXELS, ImageError, decode_rgb
 

@@ -31,7 +31,6 @@ from itsim.errors import UserError
 from itsim.model import ItsimModel, Preprocess, count_parameters, images_to_float, save_model
 from itsim.storage_errors import scrub
 from itsim.text import Vocab
-from itsim import storage
 from itsim.train import checkpoint, remote, trackers as tracking
 from itsim.train.augment import augment, parse_ops
 from itsim.train.config import TrainConfig, lr_at
@@ -268,7 +267,7 @@ def build_model(cfg: TrainConfig, vocab_size: int, device: torch.device,
 
 def resume(cfg: TrainConfig, accelerator: Any, run_dir: remote.RunDir, workers: int, total: int) -> int:
     """Load the checkpoint `--resume` names (or the newest intact one); the step to continue from."""
-    found = find_checkpoint(cfg, accelerator, run_dir)
+    found = remote.find_checkpoint(cfg, accelerator, run_dir)
     step = 0
     if found:
         path, where, state = found
@@ -283,19 +282,6 @@ def resume(cfg: TrainConfig, accelerator: Any, run_dir: remote.RunDir, workers: 
     if step >= total:
         log.info("already at step %d of %d", step, total)
     return step
-
-
-def find_checkpoint(cfg: TrainConfig, accelerator: Any, run_dir: remote.RunDir) -> tuple[Path, Any, dict] | None:
-    """(local folder to load, where it lives, trainer state) of the checkpoint to resume from; the main
-    process decides. A URL run looks in the bucket (and downloads the choice), unless `--resume` names a
-    local folder."""
-    if run_dir.remote and (cfg.resume == "auto" or storage.is_url(cfg.resume)):
-        found = remote.choose_resume(accelerator, run_dir, cfg.resume)
-        return (found[0], scrub(found[1]), found[2]) if found else None
-    if storage.is_url(cfg.resume):
-        storage.require_local(cfg.resume, "--resume with a local --out")
-    found = checkpoint.choose_resume(accelerator, run_dir.local / "checkpoints", cfg.resume)
-    return (found[0], found[0], found[1]) if found else None
 
 
 def train_step(run: Run, batch: dict[str, Any], batch_index: int) -> tuple[torch.Tensor, torch.Tensor, int]:

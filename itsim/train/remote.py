@@ -260,3 +260,16 @@ def choose_resume(accelerator: Any, run: RunDir, resume: str) -> tuple[Path, str
     if any_rank(accelerator, error is not None):
         raise UserError(error or f"--resume {scrub(url)}: the download failed on another rank")
     return local, url, state
+
+
+def find_checkpoint(cfg: TrainConfig, accelerator: Any, run_dir: RunDir) -> tuple[Path, Any, dict] | None:
+    """(local folder to load, where it lives, trainer state) of the checkpoint to resume from; the main
+    process decides. A URL run looks in the bucket (and downloads the choice), unless `--resume` names a
+    local folder."""
+    if run_dir.remote and (cfg.resume == "auto" or storage.is_url(cfg.resume)):
+        found = choose_resume(accelerator, run_dir, cfg.resume)
+        return (found[0], scrub(found[1]), found[2]) if found else None
+    if storage.is_url(cfg.resume):
+        storage.require_local(cfg.resume, "--resume with a local --out")
+    found = checkpoint.choose_resume(accelerator, run_dir.local / "checkpoints", cfg.resume)
+    return (found[0], found[0], found[1]) if found else None
