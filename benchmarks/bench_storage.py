@@ -7,6 +7,10 @@ retries), batches of 32, repeats interleaved. The server is moto's ThreadedMotoS
 (as tests/s3server.py starts it) inside this process: its request handling shares the machine's
 cores with the workers, and there is no network latency or bandwidth limit, so the ratio measures
 itsim's store path (HTTP requests, block reads, copies) rather than a real store. Goal: >= 0.8.
+
+Shards hold a quarter of the images (40 at --quick, 100 in full; itsim's default is 1000): a store costs
+a few requests per shard, so tiny shards (bench_loader's 10 images) measure mostly that per-shard cost
+(`--shard-size 10` shows it).
 """
 from __future__ import annotations
 
@@ -64,8 +68,7 @@ def main(argv: list[str] | None = None) -> int:
 
     p = common.parser(__doc__.splitlines()[0])
     p.add_argument("--shard-size", type=int, default=0,
-                   help="images per shard (default: bench_loader's, 1/16 of the images; itsim's default is 1000, "
-                        "so small shards show the per-shard cost of a store at its largest)")
+                   help="images per shard (default: a quarter of the images; itsim's default is 1000)")
     args = p.parse_args(argv)
     common.setup_logging()
     mode = common.mode_of(args)
@@ -74,7 +77,7 @@ def main(argv: list[str] | None = None) -> int:
     rec = common.Recorder("storage", mode, args.out, **({"run_id": args.run_id} if args.run_id else {}))
     rec.machine()
     data = common.synth_data(args.cache, n_images, *((96, 160) if mode == "tiny" else (320, 640)))
-    shards = common.shards_for(args.cache, data, size, shard_size=args.shard_size or max(4, n_images // 16))
+    shards = common.shards_for(args.cache, data, size, shard_size=args.shard_size or max(4, n_images // 4))
     server, options = start_server()
     try:
         url = f"s3://{BUCKET}/shards"
@@ -94,7 +97,7 @@ def main(argv: list[str] | None = None) -> int:
         server.stop()
     params = {"images": n_images, "image_size": size, "batch": BATCH, "workers": WORKERS,
               "batches_per_repeat": n_batches, "train_shards": len(list(Path(shards).glob("train-*.tar"))),
-              "shard_size": args.shard_size or max(4, n_images // 16)}
+              "shard_size": args.shard_size or max(4, n_images // 4)}
     measured = {name: rec.measure(name, "decoded images/s", "images/s", values, **params)
                 for name, values in rates.items()}
     rec.ratio("decoded images/s, loader from S3 vs from local disk, 2 workers",

@@ -272,6 +272,7 @@ def resume(cfg: TrainConfig, accelerator: Any, run_dir: remote.RunDir, workers: 
     if found:
         path, where, state = found
         accelerator.load_state(str(path))
+        run_dir.drop_resume_copy()
         step = int(state["step"])
         same_data = (state.get("world_size") == accelerator.num_processes
                      and bool(state.get("data_on_device")) == cfg.data_on_device

@@ -98,6 +98,11 @@ class RunDir:
         if self.remote:
             log.info("run uploaded to %s", scrub(self.url))
 
+    def drop_resume_copy(self) -> None:
+        """A URL run: the checkpoint downloaded to resume from is loaded; its local copy goes."""
+        if self.remote:
+            shutil.rmtree(self.local / RESUME_DIR, ignore_errors=True)
+
     def close(self) -> None:
         """Remove the staging folder: everything a run needs again is in the bucket (a run whose last
         uploads failed resumes from its last checkpoint there and exports its model again)."""
