@@ -96,7 +96,8 @@ def loader(rec: common.Recorder, data: Path, shard_dir: Path, repeats: int) -> N
     from PIL import Image
     from webdataset.tariterators import tarfile_samples
 
-    from itsim.data.loader import _select, decode_sample, split_shards
+    from itsim.data.loader import decode_sample, split_shards
+    from itsim.data.source import select as _select
 
     sources = [p.read_bytes() for p in sorted((data / "images").glob("*.jpg"))]
     urls = split_shards(shard_dir, "train")

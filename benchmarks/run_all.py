@@ -24,8 +24,9 @@ from typing import Any
 
 import common
 
-BENCHES = ("shards", "loader", "train", "quality", "eval", "score", "breakdown")
-SCRIPTS = {"shards": "bench_shards.py", "loader": "bench_loader.py", "train": "bench_train.py",
+BENCHES = ("shards", "loader", "storage", "train", "quality", "eval", "score", "breakdown")
+SCRIPTS = {"shards": "bench_shards.py", "loader": "bench_loader.py", "storage": "bench_storage.py",
+           "train": "bench_train.py",
            "quality": "bench_quality.py", "eval": "bench_eval.py", "score": "bench_score.py",
            "breakdown": "breakdown.py", "gpu": "gpu.py"}
 BEGIN, END = "<!-- run_all:begin -->", "<!-- run_all:end -->"

@@ -15,7 +15,12 @@
 #
 #   RUN=/shared/runs/f8k SHARDS=/shared/shards/flickr8k-299 sbatch --nodes 4 launch/slurm_train.sh [itsim.train flags]
 #
-# Environment: RUN, SHARDS (required; both on the shared filesystem), CONFIG (TrainConfig YAML,
+#   RUN=s3://bucket/runs/f8k SHARDS=s3://bucket/shards/flickr8k-299 sbatch --nodes 4 launch/slurm_train.sh
+#
+# Environment: RUN, SHARDS (required; folders on the shared filesystem, or store URLs such as
+# s3://bucket/prefix: then no filesystem is shared, each process stages its files on local disk under
+# $TMPDIR and uploads them; credentials from the nodes' environment or instance role, an endpoint in
+# ITSIM_STORAGE_OPTIONS; see launch/README.md, "Object stores"), CONFIG (TrainConfig YAML,
 # default launch/flickr8k_gpu.yaml), GPUS_PER_NODE (default: SLURM_GPUS_ON_NODE, else 8),
 # MASTER_PORT (default: derived from the job id), PYTHON (python3), DIST_TIMEOUT (600 s).
 #
@@ -32,8 +37,8 @@
 # would otherwise be confined to one CPU.
 set -euo pipefail
 
-: "${RUN:?set RUN to the run folder (on the shared filesystem)}"
-: "${SHARDS:?set SHARDS to the shard folder (on the shared filesystem)}"
+: "${RUN:?set RUN to the run folder (on the shared filesystem, or an s3:// URL)}"
+: "${SHARDS:?set SHARDS to the shard folder (on the shared filesystem, or an s3:// URL)}"
 : "${SLURM_JOB_ID:?not inside a SLURM job: submit with sbatch}"
 ITSIM_ROOT=${ITSIM_ROOT:-${SLURM_SUBMIT_DIR:-$PWD}}
 CONFIG=${CONFIG:-$ITSIM_ROOT/launch/flickr8k_gpu.yaml}

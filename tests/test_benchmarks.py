@@ -23,7 +23,7 @@ FIELDS = ("bench", "run_id", "mode", "time", "load_1m", "cores", "kind", "case",
           "max", "spread", "repeats")
 MAY_BE_ZERO = {"data wait"}  # a fraction that is legitimately 0 when the data is always ready
 MAY_BE_NEGATIVE = {"overhead"}  # itsim may be the faster side
-BENCHES = {"shards", "loader", "train", "quality", "eval", "score", "breakdown"}
+BENCHES = {"shards", "loader", "storage", "train", "quality", "eval", "score", "breakdown"}
 
 
 def _lines(path: Path) -> list[dict]:
@@ -80,6 +80,8 @@ def test_every_cpu_benchmark_writes_measurements_with_fields_and_positive_number
                      ("loader", "reference generator (1 core)", "decoded images/s"),
                      ("loader", "itsim loader, workers=0 (1 core)", "decoded images/s"),
                      ("loader", "itsim loader, workers=2", "pairs/s"),
+                     ("storage", "loader from local disk, workers=2", "decoded images/s"),
+                     ("storage", "loader from S3 (local moto server), workers=2", "decoded images/s"),
                      ("train", "itsim train, in-batch k=7, 32 px", "images/s"),
                      ("train", "itsim train, in-batch k=7, 32 px", "data wait"),
                      ("train", "bare PyTorch loop, same work, in-batch k=7, 32 px", "images/s"),
@@ -101,6 +103,7 @@ def test_every_cpu_benchmark_writes_measurements_with_fields_and_positive_number
     assert targets[("quality", "synthetic (40 images, 32 px): time to the same val accuracy, reference recipe / "
                                "itsim recipe")] == 5.0
     assert targets[("loader", "decoded images/s, itsim loader vs reference generator, 1 core vs 1 core")] == 1.0
+    assert targets[("storage", "decoded images/s, loader from S3 vs from local disk, 2 workers")] == 0.8
     assert not [c for b, c in targets if b == "loader" and "pairs/s" in c]  # pairs/s is information only
     quality = [r for r in records if r["bench"] == "quality" and r["metric"].startswith("seconds to val accuracy")]
     assert len(quality) == 2 and len({r["metric"] for r in quality}) == 1  # both timed to the same level

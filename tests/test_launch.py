@@ -20,7 +20,7 @@ import pytest
 import yaml
 
 from conftest import TINY_MODEL
-from itsim import config
+from itsim import config, storage
 from itsim.train import checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -249,6 +249,51 @@ def test_slurm_script_passes_cpus_per_task_to_srun(tmp_path):
     del env["SLURM_CPUS_PER_TASK"]
     done = subprocess.run(["bash", str(LAUNCH / "slurm_train.sh")], env=env, capture_output=True, text=True, timeout=30)
     assert done.returncode != 0 and "--cpus-per-task" in done.stderr
+
+
+# Runs each srun task as SLURM would start it on its node: the command once per node, SLURM_NODEID set.
+SRUN_RUNNING = """#!/usr/bin/env bash
+while [[ $1 == --* ]]; do shift; done
+pids=()
+for ((node = 0; node < SLURM_JOB_NUM_NODES; node++)); do
+  SLURM_NODEID=$node "$@" > "$SRUN_LOG.$node" 2>&1 &
+  pids+=($!)
+done
+status=0
+for pid in "${pids[@]}"; do wait "$pid" || status=$?; done
+exit $status
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_slurm_script_trains_two_nodes_from_and_to_a_bucket(tiny_shards, s3, tmp_path):
+    """No shared filesystem: SHARDS and RUN are s3:// URLs; each "node" (a task of a stand-in srun
+    that runs the script's command per node) stages its own files and the run lands in the bucket."""
+    storage.upload_tree(str(tiny_shards), s3.url("shards"), s3.options, last=("manifest.json",))
+    bin_dir = _fake_slurm_bin(tmp_path)
+    (bin_dir / "scontrol").write_text("#!/usr/bin/env bash\nprintf '127.0.0.1\\n127.0.0.1\\n'\n")
+    (bin_dir / "srun").write_text(SRUN_RUNNING)
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(yaml.safe_dump({"steps": 4, "batch_size": 16, "workers": 1, "log_every": 2, "eval_every": 0,
+                                      "warmup_steps": 2, "checkpoint_every": 2, "tensorboard": False}))
+    env = {k: v for k, v in _env(tmp_path).items() if not k.startswith("SLURM_")}
+    env.update(RUN=s3.url("run"), SHARDS=s3.url("shards"), CONFIG=str(recipe), PYTHON=sys.executable,
+               ITSIM_ROOT=str(ROOT), SLURM_JOB_ID="4243", SLURM_JOB_NUM_NODES="2", SLURM_JOB_NODELIST="n[1-2]",
+               SLURM_CPUS_PER_TASK="1", GPUS_PER_NODE="1", MASTER_PORT=str(_free_port()),
+               SRUN_LOG=str(tmp_path / "node"), ITSIM_STORAGE_OPTIONS=json.dumps(s3.options),
+               PATH=f"{bin_dir}:{os.environ['PATH']}")
+    done = subprocess.run(["bash", str(LAUNCH / "slurm_train.sh"), "--mixed-precision", "no", *TINY_MODEL],
+                          env=env, capture_output=True, text=True, timeout=240, cwd=tmp_path)
+    logs = [p.read_text() for p in sorted(tmp_path.glob("node.*"))]
+    assert done.returncode == 0, done.stderr[-2000:] + "".join(log[-2000:] for log in logs)
+    assert len(logs) == 2 and "MULTI_CPU, 2 process(es)" in logs[0]
+    keys = set(storage.files_under(s3.url("run"), s3.options))
+    for step in ("step_0000002", "step_0000004"):  # each node uploaded its own RNG state, rank 0 the state last
+        assert {f"checkpoints/{step}/random_states_0.pkl", f"checkpoints/{step}/random_states_1.pkl",
+                f"checkpoints/{step}/{checkpoint.STATE_FILE}"} <= keys
+    assert {"model/model.safetensors", "metrics.jsonl", "config.yaml"} <= keys
+    assert not list(tmp_path.glob("s3*"))  # nothing written to a local folder named after the URL
 
 
 def test_sizing_flop_count_matches_the_convolution_formula():

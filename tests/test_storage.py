@@ -297,7 +297,7 @@ def _read_shard(url: str, opts: dict, **kw) -> tuple[dict[str, dict[str, bytes]]
     """The loader's own tar reading (`itsim.data.loader`) fed by storage.open_input."""
     from webdataset.tariterators import group_by_keys
 
-    from itsim.data.loader import _tar_files
+    from itsim.data.source import _tar_files
 
     problems: list[Exception] = []
 

@@ -17,9 +17,9 @@ Security: only the `jpg`, `json`, `ids.npy` and `lengths.npy` members are read f
 is unpickled (`np.load(allow_pickle=False)`); any other member (a planted `.pyd`/`.pickle`) is
 never even read.
 
-Damaged shards: tarfile ends its iteration without an error at an invalid header in the middle of a
-shard, or at a file cut on a header boundary, so `_tar_files` checks that each tar really ended
-(`shards.tar.tar_end_problem`) and reports the rest of the shard as unreadable shard data.
+Shards on disk or in an object store (`--shards s3://...`) are listed and opened by `data/source.py`
+(each rank and worker opens its own, with retries on transient store errors); its names are
+re-exported here for the loader's callers.
 """
 from __future__ import annotations
 
@@ -30,49 +30,26 @@ import logging
 import os
 import random
 import shutil
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from itertools import islice
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterator, Mapping
 
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from webdataset.filters import _shuffle
-from webdataset.tariterators import group_by_keys, url_opener
 
-from itsim.data.shards.tar import iter_members
+from itsim.data.source import (SAMPLE_KEYS, load_vocab, one_line_errors, read_manifest, shard_samples,
+                               split_shards)
 from itsim.errors import UserError
-from itsim.images import DEFAULT_MAX_PIXELS, ImageError, decode_rgb, safe_path
+from itsim.images import DEFAULT_MAX_PIXELS, ImageError, decode_rgb
+
+__all__ = ["SAMPLE_KEYS", "StreamSpec", "ShardStream", "batch_nbytes", "batches_per_epoch", "collate", "decode_sample",
+           "iter_split", "key_id", "load_vocab", "make_loader", "one_line_errors", "owned_batches", "plan_prefetch",
+           "read_manifest", "read_split", "shard_samples", "shm_free", "split_shards"]
 
 log = logging.getLogger(__name__)
-
-SAMPLE_KEYS = ("jpg", "json", "ids.npy", "lengths.npy")
-
-
-def read_manifest(shard_dir: str | Path) -> dict[str, Any]:
-    path = Path(shard_dir) / "manifest.json"
-    if not path.is_file():
-        raise UserError(f"{shard_dir}: no manifest.json (build shards first with `itsim build-shards`)")
-    try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
-        raise UserError(f"{path}: not valid JSON ({exc})") from None
-
-
-def split_shards(shard_dir: str | Path, split: str) -> list[str]:
-    """Paths of one split's shards as listed in the manifest; missing files or escaping names are errors."""
-    splits = read_manifest(shard_dir).get("splits") or {}
-    names = (splits.get(split) or {}).get("shards") or []
-    try:
-        paths = [safe_path(shard_dir, str(name)) for name in names]
-    except ImageError as exc:
-        raise UserError(f"{shard_dir}/manifest.json: bad shard name ({exc})") from None
-    missing = [p for p in paths if not p.is_file()]
-    if missing:
-        raise UserError(f"{len(missing)} shard(s) of split {split!r} listed in the manifest are missing, "
-                        f"e.g. {missing[0]}")
-    return [str(p) for p in paths]
 
 
 def _seed(*parts: Any) -> int:
@@ -83,34 +60,6 @@ def _seed(*parts: Any) -> int:
 def key_id(key: str) -> int:
     """Integer id of a sample key, so batches can mask same-image negatives without strings."""
     return int.from_bytes(hashlib.blake2b(key.encode(), digest_size=7).digest(), "little")
-
-
-def _select(name: str) -> bool:
-    base = name.rsplit("/", 1)[-1]
-    return "." in base and base.split(".", 1)[1].lower() in SAMPLE_KEYS
-
-
-def _tar_files(sources: Iterator[dict[str, Any]], handler: Any) -> Iterator[dict[str, Any]]:
-    """webdataset's `tar_file_expander` with `_select`, plus the end check, and one handler call per bad
-    shard (webdataset's calls it for a failed read and again for the iteration that follows it)."""
-    for source in sources:
-        url = source["url"]
-        try:
-            for name, data in iter_members(source["stream"], _select):
-                yield {"fname": name, "data": data, "__url__": url}
-        except Exception as exc:  # as webdataset's expander: the handler decides (ours log, count, go on)
-            if not handler(ValueError(f"{url}: {exc}")):
-                return
-        finally:
-            source["stream"].close()
-        yield {}  # end of shard: group_by_keys never mixes two shards' members into one sample
-
-
-def shard_samples(urls: list[str], handler: Any) -> Iterator[dict[str, Any]]:
-    """Raw samples (`__key__`, `__url__`, the `SAMPLE_KEYS` members) of shards in order; bad shard data
-    goes to `handler(exception)` with the shard named in its message."""
-    return group_by_keys(_tar_files(url_opener(({"url": u} for u in urls), handler=handler), handler),
-                         handler=handler)
 
 
 def _complete(sample: dict[str, Any]) -> bool:
@@ -158,6 +107,7 @@ class StreamSpec:
     shuffle_buffer: int = 1000
     start_batch: int = 0  # global batch index on this rank to start from (resume)
     max_pixels: int = DEFAULT_MAX_PIXELS
+    options: Mapping[str, Any] | None = field(default=None, repr=False)  # storage options (may hold secrets)
 
 
 class ShardStream(IterableDataset):
@@ -206,7 +156,7 @@ class ShardStream(IterableDataset):
                         stats["bad_samples"] += 1
                         log.warning("skipping incomplete sample %s in %s", s.get("__key__"), s.get("__url__"))
 
-            raw = shard_samples(urls, on_error)
+            raw = shard_samples(urls, on_error, spec.options)
             rng = random.Random(_seed(spec.seed, epoch, cycle, spec.rank, logical, "samples"))
             yield from _shuffle(complete(raw), bufsize=spec.shuffle_buffer, initial=min(100, spec.shuffle_buffer),
                                 rng=rng)
@@ -337,10 +287,12 @@ def make_loader(spec: StreamSpec, workers: int = 2, pin_memory: bool = False, pr
 
 
 def iter_split(shard_dir: str | Path, split: str, skipped: dict[str, int] | None = None,
-               max_pixels: int = DEFAULT_MAX_PIXELS) -> Iterator[dict[str, Any]]:
+               max_pixels: int = DEFAULT_MAX_PIXELS,
+               options: Mapping[str, Any] | None = None) -> Iterator[dict[str, Any]]:
     """Every decodable sample of a split in shard order (validation, evaluation, scoring).
 
-    Bad data is logged with its shard and counted by reason in `skipped`; nothing is unpickled.
+    Bad data (also a shard gone since the listing) is logged with its shard and counted by reason in
+    `skipped`; nothing is unpickled. `shard_dir` may be a store URL (`options`: its storage options).
     """
     skipped = {} if skipped is None else skipped
 
@@ -352,7 +304,7 @@ def iter_split(shard_dir: str | Path, split: str, skipped: dict[str, int] | None
         log.warning("skipping unreadable shard data: %s", exc)
         return True
 
-    for raw in shard_samples(split_shards(shard_dir, split), on_error):
+    for raw in shard_samples(split_shards(shard_dir, split, options), on_error, options):
         if not _complete(raw):
             reason = "incomplete_sample"
         else:
@@ -368,6 +320,6 @@ def iter_split(shard_dir: str | Path, split: str, skipped: dict[str, int] | None
 
 
 def read_split(shard_dir: str | Path, split: str, max_images: int | None = None,
-               max_pixels: int = DEFAULT_MAX_PIXELS) -> list[dict[str, Any]]:
+               max_pixels: int = DEFAULT_MAX_PIXELS, options: Mapping[str, Any] | None = None) -> list[dict[str, Any]]:
     """The first `max_images` samples of a split, in memory."""
-    return list(islice(iter_split(shard_dir, split, max_pixels=max_pixels), max_images))
+    return list(islice(iter_split(shard_dir, split, max_pixels=max_pixels, options=options), max_images))

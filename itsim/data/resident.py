@@ -25,7 +25,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from itertools import islice
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterator, Mapping
 
 import numpy as np
 import psutil
@@ -91,7 +91,7 @@ def _decode(raw: dict[str, Any]) -> dict[str, Any] | None:
 
 
 def load_split(shard_dir: str | Path, split: str, n_images: int, image_size: int, device: torch.device,
-               threads: int = 1, chunk: int = 512) -> ResidentSplit:
+               threads: int = 1, chunk: int = 512, options: Mapping[str, Any] | None = None) -> ResidentSplit:
     """Decode a split once (`threads` decoding in parallel: Pillow releases the GIL) into a tensor of
     `n_images` (the manifest's count, an upper bound) on `device`; bad samples are logged and skipped."""
     images = torch.empty((n_images, image_size, image_size, 3), dtype=torch.uint8, device=device)
@@ -102,7 +102,7 @@ def load_split(shard_dir: str | Path, split: str, n_images: int, image_size: int
         log.warning("skipping unreadable shard data: %s", exc)
         return True
 
-    raw = shard_samples(split_shards(shard_dir, split), on_error)
+    raw = shard_samples(split_shards(shard_dir, split, options), on_error, options)
     keys: list[str] = []
     ids: list[np.ndarray] = []
     lengths: list[np.ndarray] = []

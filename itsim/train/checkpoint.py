@@ -5,6 +5,7 @@ A checkpoint is written by every rank into `checkpoints/.tmp-step_XXXXXXX` (Acce
 the training position and a SHA-256 of every file in `trainer_state.json` and renames the folder to
 `step_XXXXXXX`. A folder without that file, whose files no longer match it (truncated, garbage), or
 whose pickled files torch.load(weights_only=True) refuses (a planted payload), is never resumed from.
+A run in an object store keeps the same contract with uploads instead of a rename (train/remote.py).
 """
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ import logging
 import re
 import shutil
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from accelerate.utils import broadcast_object_list
 
@@ -34,6 +35,12 @@ class CheckpointError(Exception):
 
 def checkpoint_name(step: int) -> str:
     return f"step_{step:07d}"
+
+
+def step_of(name: str) -> int | None:
+    """The step of a checkpoint folder's name (`step_0000012` -> 12); None for any other name."""
+    m = _NAME.match(name)
+    return int(m.group(1)) if m else None
 
 
 def list_checkpoints(directory: str | Path) -> list[Path]:
@@ -106,8 +113,11 @@ def find_resume(directory: str | Path, resume: str) -> tuple[Path, dict[str, Any
     return None
 
 
-def choose_resume(accelerator: Any, directory: str | Path, resume: str) -> tuple[Path, dict[str, Any]] | None:
-    """`find_resume` on the main process only; every rank gets its choice (path and trainer state).
+def choose_resume(accelerator: Any, directory: Any, resume: str,
+                  find: Callable[[Any, str], tuple[Any, dict[str, Any]] | None] = find_resume
+                  ) -> tuple[Any, dict[str, Any]] | None:
+    """`find(directory, resume)` (`find_resume`: a local folder) on the main process only; every rank gets
+    its choice (path, a Path, or a store URL, a str; and trainer state).
 
     On a shared filesystem with attribute caching (NFS) ranks can list the checkpoint folder
     differently, pick different "newest" checkpoints, and then issue mismatched collectives. A
@@ -117,18 +127,21 @@ def choose_resume(accelerator: Any, directory: str | Path, resume: str) -> tuple
     if not resume:
         return None
     if accelerator.num_processes == 1:
-        return find_resume(directory, resume)
+        return find(directory, resume)
     choice: list[Any] = [None]
     if accelerator.is_main_process:
         try:
-            found = find_resume(directory, resume)
-            choice = [{"path": str(found[0]), "state": found[1]} if found else {"path": None}]
+            found = find(directory, resume)
+            choice = [{"path": str(found[0]), "url": isinstance(found[0], str), "state": found[1]} if found
+                      else {"path": None}]
         except UserError as exc:
             choice = [{"error": str(exc)}]
     choice = broadcast_object_list(choice, from_process=0)[0]
     if "error" in choice:
         raise UserError(choice["error"])
-    return (Path(choice["path"]), choice["state"]) if choice["path"] else None
+    if not choice["path"]:
+        return None
+    return (choice["path"] if choice["url"] else Path(choice["path"])), choice["state"]
 
 
 def _why(exc: BaseException, directory: Path) -> str:

@@ -7,13 +7,24 @@ import math
 from dataclasses import dataclass, field
 from typing import Literal
 
+from itsim.config import secret_field
 from itsim.model import ModelConfig
 
 
 @dataclass
 class TrainConfig:
-    shards: str = field(default="", metadata={"help": "shard folder written by `itsim build-shards`"})
-    out: str = field(default="runs/train", metadata={"help": "run folder (checkpoints, metrics, model)"})
+    shards: str = field(default="", metadata={
+        "help": "shard folder written by `itsim build-shards`: a local path or a store URL (s3://bucket/shards)"})
+    out: str = field(default="runs/train", metadata={
+        "help": "run folder (checkpoints, metrics, model): a local path, or a store URL (s3://bucket/run) that "
+                "gets the same layout, written through --stage-dir"})
+    stage_dir: str = field(default="", metadata={
+        "help": "with a URL --out: the local folder each process writes the run into before uploading it "
+                "(a rank<N> folder per process); '' = a temporary folder under $TMPDIR. Removed when the run "
+                "ends well, kept (and named) when an upload failed"})
+    storage_options: dict | None = secret_field(None, "JSON object of store settings for URL --shards/--out "
+                                                "(endpoint_url, ...); merged over $ITSIM_STORAGE_OPTIONS; "
+                                                "never printed or saved")
     steps: int = field(default=0, metadata={"help": "optimizer steps; 0 = derive from --epochs"})
     epochs: float = field(default=1.0, metadata={"help": "passes over the train images when --steps is 0"})
     batch_size: int = field(default=64, metadata={"help": "images per batch per process"})

@@ -5,7 +5,8 @@ processes and machines. Accelerate handles devices, DDP, mixed precision and gra
 the data pipeline is built per rank (see data/loader.py, or data/resident.py with --data-on-device)
 and never passed through `prepare()`.
 `train()` reads top to bottom; each phase (setup, step, logging, validation, checkpoint, export) is a
-named function below it.
+named function below it. `--shards` and `--out` may be store URLs: the loader streams shards from the
+store, and a URL run is written through a local staging folder and uploaded (train/remote.py).
 """
 from __future__ import annotations
 
@@ -22,14 +23,15 @@ import torch
 from accelerate.utils import set_seed
 
 from itsim import config, progress as progress_lines
-from itsim.data.loader import (StreamSpec, batch_nbytes, batches_per_epoch, make_loader, plan_prefetch, read_manifest,
-                               shm_free, split_shards)
+from itsim.data.loader import (StreamSpec, batch_nbytes, batches_per_epoch, load_vocab, make_loader, one_line_errors,
+                               plan_prefetch, read_manifest, shm_free, split_shards)
 from itsim.data.pairs import step_generator
 from itsim.data.resident import ResidentBatches, ResidentSplit, check_fits, load_split, memory_budget
 from itsim.errors import UserError
 from itsim.model import ItsimModel, Preprocess, count_parameters, images_to_float, save_model
+from itsim.storage_errors import scrub
 from itsim.text import Vocab
-from itsim.train import checkpoint, trackers as tracking
+from itsim.train import checkpoint, remote, trackers as tracking
 from itsim.train.augment import augment, parse_ops
 from itsim.train.config import TrainConfig, lr_at
 from itsim.train.objective import step_loss
@@ -53,7 +55,8 @@ class Run:
     val: ValidationSet | None
     vocab: Vocab
     pre: Preprocess
-    out: Path
+    out: Path  # where this process writes the run: RUN itself, or its staging folder when --out is a URL
+    dir: remote.RunDir
     n_train: int
     batches_per_epoch: int
     total: int
@@ -62,7 +65,7 @@ class Run:
     aug_ops: tuple[str, ...] = ()
     metrics_file: TextIO | None = None
     audit_file: TextIO | None = None
-    last_checkpoint: Path | None = None
+    last_checkpoint: Path | str | None = None
     stopped_by: str | None = None  # the signal that stopped training early
 
 
@@ -83,14 +86,23 @@ class Window:
 
 def train(cfg: TrainConfig) -> dict[str, Any]:
     """Train, checkpoint, validate, export `RUN/model/`; returns the final summary."""
-    run = setup(cfg)
+    run_dir = remote.open_run(cfg)  # --out resolved; a URL gets this process's staging folder
+    try:
+        return run_training(setup(cfg, run_dir))
+    finally:
+        run_dir.close()
+
+
+def run_training(run: Run) -> dict[str, Any]:
+    """The loop itself, from `setup`'s Run to `finish`'s summary."""
+    cfg = run.cfg
     stop = StopFlag().install()
     # A bar on a terminal; in a log file one line per --log-every steps (set_postfix in log_window).
     progress = progress_lines.progress(run.total, "train", "step", logger=log, initial=run.step, seconds=0,
                                        disable=not run.accelerator.is_main_process, dynamic_ncols=True)
     window, last_val = Window(), {}
     batch_index = run.step * cfg.grad_accum
-    data_iter = iter(run.loader)
+    data_iter = one_line_errors(run.loader)  # a worker's store error as its own one line
     run.model.train()
     try:
         while run.step < run.total:
@@ -130,13 +142,14 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
                             f"({str(exc).splitlines()[0][:200]})") from None
         raise
     finally:
+        data_iter.close()  # the loader's workers end here (see one_line_errors)
         stop.restore()
         progress.close()
         close_files(run)
     return finish(run, last_val)
 
 
-def setup(cfg: TrainConfig) -> Run:
+def setup(cfg: TrainConfig, run_dir: remote.RunDir | None = None) -> Run:
     """Check the inputs, build the accelerator, model, optimizer and this rank's data stream; resume."""
     config.check(cfg, ("shards",), [
         (cfg.negatives_k >= 1, f"--negatives-k must be >= 1 (got {cfg.negatives_k})"),
@@ -144,22 +157,26 @@ def setup(cfg: TrainConfig) -> Run:
         (cfg.contrastive_dim > 0 or (cfg.itc_weight == 0 and cfg.negatives != "itc"),
          "--itc-weight and --negatives itc need --contrastive-dim > 0"),
         (0 <= cfg.word_dropout < 1, f"--word-dropout must be in [0, 1) (got {cfg.word_dropout})")])
-    manifest = read_manifest(cfg.shards)
-    train_shards = split_shards(cfg.shards, "train")
+    opts = cfg.storage_options
+    manifest = read_manifest(cfg.shards, opts)
+    train_shards = split_shards(cfg.shards, "train", opts)
     n_train = int(manifest.get("splits", {}).get("train", {}).get("images", 0))
     if not train_shards or n_train == 0:
         raise UserError(f"{cfg.shards}: the train split is empty")
     params = manifest.get("config", {})
     pre = Preprocess(image_size=int(params.get("image_size", 299)), resize=str(params.get("resize", "stretch")),
                      max_len=int(params.get("max_len", 100)))
-    vocab = Vocab.load(Path(cfg.shards) / "vocab.json")
+    vocab = load_vocab(cfg.shards, opts)
     aug_ops = parse_ops(cfg.augment)
 
-    accelerator, trackers = make_accelerator(cfg)
-    out = Path(cfg.out)
+    run_dir = run_dir or remote.open_run(cfg)
+    accelerator, trackers = make_accelerator(cfg, run_dir.local)
+    out = run_dir.local
     if accelerator.is_main_process:
         out.mkdir(parents=True, exist_ok=True)
         config.save(cfg, out / "config.yaml")
+        run_dir.push("config.yaml")  # a URL --out: writable, before any training
+        run_dir.fetch("metrics.jsonl")  # appended to, as a local run's
         log.info("%s", config.describe(cfg))
         log.info("distributed: %s, %d process(es), device %s, mixed precision %s",
                  accelerator.distributed_type, accelerator.num_processes, accelerator.device, accelerator.mixed_precision)
@@ -174,7 +191,7 @@ def setup(cfg: TrainConfig) -> Run:
     n_train = len(resident) if resident is not None else n_train
     bpe = batches_per_epoch(n_train, cfg.batch_size, accelerator.num_processes)
     total = cfg.steps or max(1, math.ceil(cfg.epochs * bpe / cfg.grad_accum))
-    step = resume(cfg, accelerator, out, workers, total)
+    step = resume(cfg, accelerator, run_dir, workers, total)
     if resident is not None:
         loader: Any = ResidentBatches(resident, cfg.batch_size, bpe, cfg.seed, accelerator.process_index,
                                       accelerator.num_processes, start_batch=step * cfg.grad_accum)
@@ -183,11 +200,11 @@ def setup(cfg: TrainConfig) -> Run:
 
     val = None
     if accelerator.is_main_process and manifest.get("splits", {}).get(cfg.val_split, {}).get("shards"):
-        val = ValidationSet.from_shards(cfg.shards, cfg.val_split, cfg.val_max_images)
+        val = ValidationSet.from_shards(cfg.shards, cfg.val_split, cfg.val_max_images, opts)
     if trackers:  # each started on its own: one that fails only warns (trackers.py)
         tracking.start(accelerator, config.to_dict(cfg), out)
     run = Run(cfg=cfg, accelerator=accelerator, trackers=trackers, model=model, optimizer=optimizer, loader=loader,
-              val=val, vocab=vocab, pre=pre, out=out, n_train=n_train, batches_per_epoch=bpe, total=total,
+              val=val, vocab=vocab, pre=pre, out=out, dir=run_dir, n_train=n_train, batches_per_epoch=bpe, total=total,
               workers=workers, step=step, aug_ops=aug_ops)
     open_files(run)
     log.info("model: %s parameters; %d train images, %d batches/epoch/rank, %d steps", f"{count_parameters(model):,}",
@@ -201,7 +218,8 @@ def load_resident(cfg: TrainConfig, device: torch.device, pre: Preprocess, n_tra
     budget, source = memory_budget(device, cfg.device_memory_gb, local_ranks)
     need = check_fits(n_train, pre.image_size, budget, source)
     start = time.perf_counter()
-    data = load_split(cfg.shards, "train", n_train, pre.image_size, device, threads=max(1, cfg.workers))
+    data = load_split(cfg.shards, "train", n_train, pre.image_size, device, threads=max(1, cfg.workers),
+                      options=cfg.storage_options)
     log.info("--data-on-device: %d train images decoded into %.2f GB on %s in %.1f s (budget %.2f GB: %s)",
              len(data), need / 1e9, device, time.perf_counter() - start, budget / 1e9, source)
     return data
@@ -213,7 +231,7 @@ def stream_loader(cfg: TrainConfig, accelerator: Any, manifest: dict[str, Any], 
     workers = max(0, cfg.workers)
     spec = StreamSpec(shards=train_shards, batch_size=cfg.batch_size, batches_per_epoch=bpe, seed=cfg.seed,
                       rank=accelerator.process_index, world_size=accelerator.num_processes,
-                      shuffle_buffer=cfg.shuffle_buffer, start_batch=start_batch)
+                      shuffle_buffer=cfg.shuffle_buffer, start_batch=start_batch, options=cfg.storage_options)
     if len(train_shards) < accelerator.num_processes * max(1, workers):
         log.warning("%d train shards for %d ranks x %d workers: sampling shards with replacement",
                     len(train_shards), accelerator.num_processes, max(1, workers))
@@ -247,20 +265,21 @@ def build_model(cfg: TrainConfig, vocab_size: int, device: torch.device,
     return model, torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
 
 
-def resume(cfg: TrainConfig, accelerator: Any, out: Path, workers: int, total: int) -> int:
+def resume(cfg: TrainConfig, accelerator: Any, run_dir: remote.RunDir, workers: int, total: int) -> int:
     """Load the checkpoint `--resume` names (or the newest intact one); the step to continue from."""
-    found = checkpoint.choose_resume(accelerator, out / "checkpoints", cfg.resume)  # the main process decides
+    found = remote.find_checkpoint(cfg, accelerator, run_dir)
     step = 0
     if found:
-        path, state = found
+        path, where, state = found
         accelerator.load_state(str(path))
+        run_dir.drop_resume_copy()
         step = int(state["step"])
         same_data = (state.get("world_size") == accelerator.num_processes
                      and bool(state.get("data_on_device")) == cfg.data_on_device
                      and (cfg.data_on_device or state.get("workers") == workers))
         if not same_data:
             log.warning("resuming with a different worker/process count or data path: the data order will differ")
-        log.info("resumed from %s (step %d)", path, step)
+        log.info("resumed from %s (step %d)", where, step)
     if step >= total:
         log.info("already at step %d of %d", step, total)
     return step
@@ -326,12 +345,16 @@ def record(run: Run, row: dict[str, Any]) -> None:
 
 
 def save_checkpoint(run: Run) -> None:
-    run.last_checkpoint = checkpoint.save(run.accelerator, run.out / "checkpoints", run.step, {
-        "epoch": run.step * run.cfg.grad_accum // run.batches_per_epoch,
-        "batches_consumed": run.step * run.cfg.grad_accum, "workers": run.workers,
-        "world_size": run.accelerator.num_processes, "seed": run.cfg.seed, "total_steps": run.total,
-        "data_on_device": run.cfg.data_on_device,
-    }, keep=run.cfg.keep)
+    state = {"epoch": run.step * run.cfg.grad_accum // run.batches_per_epoch,
+             "batches_consumed": run.step * run.cfg.grad_accum, "workers": run.workers,
+             "world_size": run.accelerator.num_processes, "seed": run.cfg.seed, "total_steps": run.total,
+             "data_on_device": run.cfg.data_on_device}
+    if not run.dir.remote:
+        run.last_checkpoint = checkpoint.save(run.accelerator, run.out / "checkpoints", run.step, state, keep=run.cfg.keep)
+        return
+    run.last_checkpoint = scrub(remote.save(run.accelerator, run.dir, run.step, state, keep=run.cfg.keep))
+    if run.metrics_file:
+        run.dir.push("metrics.jsonl")
 
 
 def open_files(run: Run) -> None:
@@ -339,6 +362,7 @@ def open_files(run: Run) -> None:
         run.metrics_file = (run.out / "metrics.jsonl").open("a")
     if run.cfg.audit:  # one file per rank: no rank writes another's file
         (run.out / "audit").mkdir(parents=True, exist_ok=True)
+        run.dir.fetch(f"audit/rank{run.accelerator.process_index}.jsonl")
         run.audit_file = (run.out / "audit" / f"rank{run.accelerator.process_index}.jsonl").open("a")
 
 
@@ -357,11 +381,12 @@ def finish(run: Run, last_val: dict[str, Any]) -> dict[str, Any]:
     run.accelerator.wait_for_everyone()
     if run.accelerator.is_main_process and run.step >= run.total:
         model_dir = save_model(run.out / "model", run.accelerator.unwrap_model(run.model), run.vocab, run.pre,
-                               extra={"train": {"steps": run.step, "shards": str(run.cfg.shards), **last_val}})
-        summary["model_dir"] = str(model_dir)
+                               extra={"train": {"steps": run.step, "shards": scrub(run.cfg.shards), **last_val}})
+        summary["model_dir"] = scrub(run.dir.url_of("model")) if run.dir.remote else str(model_dir)
         (run.out / "train_summary.json").write_text(json.dumps(summary, indent=2))
-        log.info("model written to %s", model_dir)
+        log.info("model written to %s", summary["model_dir"])
     tracking.finish(run.accelerator)  # also with no tracker: it ends the process group (a clean exit)
+    run.dir.publish(run.accelerator)  # a URL run: the model, metrics, logs and summary to the bucket
     return summary
 
 

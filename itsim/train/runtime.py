@@ -69,8 +69,10 @@ def mixed_precision(cfg: TrainConfig) -> str:
     return "no" if cpu_only else "bf16"
 
 
-def make_accelerator(cfg: TrainConfig):
-    """The Accelerator, and the trackers (`--report-to`) it was given, which `trackers.start` starts."""
+def make_accelerator(cfg: TrainConfig, out: str | Path | None = None):
+    """The Accelerator, and the trackers (`--report-to`) it was given, which `trackers.start` starts.
+    `out`: the local folder the run is written into (default `--out`; a URL run's staging folder)."""
+    out = Path(cfg.out if out is None else out)
     try:
         trackers = tracking.resolve(cfg)
     except ValueError as exc:
@@ -84,7 +86,7 @@ def make_accelerator(cfg: TrainConfig):
         mixed_precision=mp,
         gradient_accumulation_steps=cfg.grad_accum,
         log_with=trackers or None,
-        project_config=ProjectConfiguration(project_dir=cfg.out, logging_dir=str(Path(cfg.out) / "tb")),
+        project_config=ProjectConfiguration(project_dir=str(out), logging_dir=str(out / "tb")),
         kwargs_handlers=[InitProcessGroupKwargs(timeout=timedelta(seconds=cfg.dist_timeout))],
     )
     world_env = int(os.environ.get("WORLD_SIZE", "1"))

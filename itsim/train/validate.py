@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, Mapping
 
 import numpy as np
 import torch
@@ -41,8 +42,9 @@ class ValidationSet:
         )
 
     @classmethod
-    def from_shards(cls, shard_dir: str | Path, split: str = "val", max_images: int | None = 1000) -> "ValidationSet":
-        return cls.from_samples(read_split(shard_dir, split, max_images=max_images))
+    def from_shards(cls, shard_dir: str | Path, split: str = "val", max_images: int | None = 1000,
+                    options: Mapping[str, Any] | None = None) -> "ValidationSet":
+        return cls.from_samples(read_split(shard_dir, split, max_images=max_images, options=options))
 
     def pairs(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         return fixed_balanced_pairs(self.caption_image, seed=EVAL_PAIR_SEED)
