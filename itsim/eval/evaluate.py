@@ -9,8 +9,9 @@ Every image and caption of the split is encoded once; everything else runs only 
 Results go to `EVAL_DIR/metrics.json` (flat keys) with ROC, score-histogram and training-curve PNGs, and
 `EVAL_DIR/report.html` shows them beside example retrievals and the worst mistakes (see `report.py`).
 
-`--model`, `--out`, `--pairs` and `--images` may be store URLs (`s3://bucket/run/model`): the model is
-read through `itsim.storage` (`load_model`), a pair file is downloaded, images are read one by one,
+`--model`, `--shards`, `--out`, `--pairs` and `--images` may be store URLs (`s3://bucket/run/model`): the
+model is read through `itsim.storage` (`load_model`), shards are streamed by the loader (`data/source.py`),
+a pair file is downloaded, images are read one by one,
 and a URL `--out` is written into a local staging folder, then uploaded with metrics.json last, so a
 reader that finds metrics.json finds the report and plots beside it.
 """
@@ -24,14 +25,14 @@ import math
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Mapping
 
 import numpy as np
 import torch
 from PIL import Image
 
 from itsim import config, storage
-from itsim.data.loader import iter_split, read_manifest, split_shards
+from itsim.data.loader import iter_split, load_vocab, read_manifest, split_shards
 from itsim.data.pairs import fixed_balanced_pairs
 from itsim.errors import UserError
 from itsim.eval import metrics, plots
@@ -50,7 +51,7 @@ log = logging.getLogger(__name__)
 @dataclasses.dataclass
 class EvalConfig:
     model: str = dataclasses.field(default="", metadata={"help": "model directory or URL (RUN/model)"})
-    shards: str = dataclasses.field(default="", metadata={"help": "shard folder with manifest.json"})
+    shards: str = dataclasses.field(default="", metadata={"help": "shard folder or URL with manifest.json"})
     split: str = dataclasses.field(default="test", metadata={"help": "split to evaluate (val or test)"})
     val_split: str = dataclasses.field(default="val", metadata={"help": "split the best threshold is chosen on"})
     pairs: str | None = dataclasses.field(
@@ -94,11 +95,11 @@ class EncodedSplit:
 
 # --- reading shards ---------------------------------------------------------------------------
 
-def shard_paths(shards_dir: str | Path, split: str) -> list[str]:
-    """The split's tar files (see `loader.split_shards`), with a clear error when the split is empty."""
-    paths = split_shards(shards_dir, split)
+def shard_paths(shards_dir: str | Path, split: str, options: Mapping[str, Any] | None = None) -> list[str]:
+    """The split's tar files or URLs (see `loader.split_shards`), with a clear error when the split is empty."""
+    paths = split_shards(shards_dir, split, options)
     if not paths:
-        splits = read_manifest(shards_dir).get("splits") or {}
+        splits = read_manifest(shards_dir, options).get("splits") or {}
         available = sorted(k for k, v in splits.items() if (v or {}).get("shards"))
         raise UserError(f"{shards_dir}: split {split!r} has no shards; "
                         f"splits with shards: {', '.join(available) or 'none'}")
@@ -138,7 +139,7 @@ def _caption_arrays(sample: dict[str, Any], vocab: Vocab, shard_vocab_ok: bool,
 
 @torch.inference_mode()
 def encode_split(model: Any, vocab: Vocab, pre: Any, shards_dir: str | Path, split: str, batch_size: int,
-                 device: torch.device, thumbnails: int = 0) -> EncodedSplit:
+                 device: torch.device, thumbnails: int = 0, options: Mapping[str, Any] | None = None) -> EncodedSplit:
     """Stream a split, encoding images in batches, then its captions; keep JPEG thumbnails of the
     first `thumbnails` images as they pass (the report shows them; nothing is read twice).
 
@@ -146,9 +147,8 @@ def encode_split(model: Any, vocab: Vocab, pre: Any, shards_dir: str | Path, spl
     order training's validation reads them in, so the fixed pairs of `itsim eval --split val`
     are the ones behind training's `val_accuracy`.
     """
-    shard_paths(shards_dir, split)  # a clear error for an empty or unknown split
-    shard_vocab = Path(shards_dir) / "vocab.json"
-    shard_vocab_ok = shard_vocab.is_file() and Vocab.load(shard_vocab).hash == vocab.hash
+    shard_paths(shards_dir, split, options)  # a clear error for an empty or unknown split
+    shard_vocab_ok = _shard_vocab_hash(shards_dir, options) == vocab.hash
     if not shard_vocab_ok:
         log.warning("shard vocab differs from the model's: re-encoding captions with the model's vocab")
     skipped: dict[str, int] = {}
@@ -167,7 +167,7 @@ def encode_split(model: Any, vocab: Vocab, pre: Any, shards_dir: str | Path, spl
         image_seconds += time.perf_counter() - start
         pending.clear()
 
-    for sample in track(iter_split(shards_dir, split, skipped), f"encode {split} images", "img", logger=log,
+    for sample in track(iter_split(shards_dir, split, skipped, options=options), f"encode {split} images", "img", logger=log,
                         leave=False):
         ids, lengths = _caption_arrays(sample, vocab, shard_vocab_ok, pre.max_len)
         if ids.shape[0] == 0:
@@ -196,6 +196,14 @@ def encode_split(model: Any, vocab: Vocab, pre: Any, shards_dir: str | Path, spl
                         image_seconds, text_seconds, texts, thumbs)
 
 
+def _shard_vocab_hash(shards_dir: str | Path, options: Mapping[str, Any] | None) -> str | None:
+    """The hash of the shards' vocab.json (a folder or a store URL); None when there is none."""
+    try:
+        return load_vocab(shards_dir, options).hash
+    except (FileNotFoundError, storage.NotFound):
+        return None
+
+
 # --- scoring with the head only ---------------------------------------------------------------
 
 def fixed_pair_scores(model: Any, enc: EncodedSplit, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -222,11 +230,12 @@ def _threshold(cfg: EvalConfig, model: Any, vocab: Vocab, pre: Any, device: torc
     if cfg.split == cfg.val_split:
         return metrics.best_threshold(probs, labels)[0], f"{cfg.val_split} (the evaluated split itself: optimistic)"
     try:
-        shard_paths(cfg.shards, cfg.val_split)
+        shard_paths(cfg.shards, cfg.val_split, cfg.storage_options)
     except UserError as exc:
         log.warning("no threshold from %s (%s); using 0.5", cfg.val_split, exc)
         return 0.5, f"default 0.5 (no usable {cfg.val_split} split)"
-    val = encode_split(model, vocab, pre, cfg.shards, cfg.val_split, cfg.batch_size, device)
+    val = encode_split(model, vocab, pre, cfg.shards, cfg.val_split, cfg.batch_size, device,
+                       options=cfg.storage_options)
     return metrics.best_threshold(*fixed_pair_scores(model, val, cfg.seed))[0], cfg.val_split
 
 
@@ -295,7 +304,6 @@ def evaluate(cfg: EvalConfig) -> dict[str, Any]:
     """Run the evaluation described by `cfg`, write EVAL_DIR/metrics.json and plots; return the metrics."""
     config.check(cfg, ("model", "shards"), [(bool(cfg.pairs) == bool(cfg.images), "--pairs and --images go together"),
                                             (cfg.rank_by in ("head", "itc"), "--rank-by is head or itc")])
-    storage.require_local(cfg.shards, "--shards")  # the shard loader reads local folders (see NOTES_launch.md)
     model_dir = storage.location(cfg.model)
     out = storage.location(cfg.out) if cfg.out else storage.join(parent(model_dir), "eval")
     log.info(config.describe(cfg))
@@ -318,13 +326,13 @@ def _evaluate_into(cfg: EvalConfig, out: Path, model_dir: str, inputs: str) -> d
 
     keep = min(cfg.retrieval_images if cfg.retrieval_images > 0 else MAX_THUMBNAILS, MAX_THUMBNAILS)
     enc = encode_split(model, vocab, pre, cfg.shards, cfg.split, cfg.batch_size, device,
-                       thumbnails=keep if cfg.report else 0)
+                       thumbnails=keep if cfg.report else 0, options=opts)
     retrieval, matrix = _retrieval(model, enc, cfg.retrieval_images, cfg.rank_by, cfg.rerank)
     probs, labels = fixed_pair_scores(model, enc, cfg.seed)
     threshold, source = _threshold(cfg, model, vocab, pre, device, probs, labels)
     at_half = metrics.classification_report(probs, labels, 0.5)
     result: dict[str, Any] = {
-        "model": storage.scrub(model_dir), "shards": str(Path(cfg.shards).resolve()), "split": cfg.split,
+        "model": storage.scrub(model_dir), "shards": storage.scrub(storage.location(cfg.shards)), "split": cfg.split,
         "seed": cfg.seed, "n_images": len(enc.keys), "n_captions": int(enc.caption_to_image.size),
         "n_pairs": int(labels.size), "positive_pairs": int(labels.sum()),
         "skipped_samples": int(sum(enc.skipped.values())), "skipped_reasons": enc.skipped,

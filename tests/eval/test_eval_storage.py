@@ -1,5 +1,5 @@
-"""`itsim eval` against a real S3 server (moto, tests/s3server.py): the model, a labelled pair file and its
-images read from a bucket, the outputs written to it. The shards and model are test_evaluate.py's (`run`)."""
+"""`itsim eval` against a real S3 server (moto, tests/s3server.py): the model, the shards, a labelled pair file
+and its images read from a bucket, the outputs written to it. The shards and model are test_evaluate.py's (`run`)."""
 from __future__ import annotations
 
 import json
@@ -18,26 +18,31 @@ TIMINGS = ("encode_image_seconds", "encode_text_seconds", "retrieval_seconds", "
 
 
 def _comparable(metrics: dict) -> dict:
-    """metrics.json without what differs by place and time: the model's location and the timings."""
-    return {k: v for k, v in metrics.items() if k not in ("model", *TIMINGS)}
+    """metrics.json without what differs by place and time: the model's and shards' locations, the timings."""
+    return {k: v for k, v in metrics.items() if k not in ("model", "shards", *TIMINGS)}
 
 
-def test_eval_model_pairs_and_out_in_the_bucket_equal_a_local_eval(run, s3, tmp_path):
-    """metrics.json written to the bucket equals the local eval's (same model, same pairs), the report and
-    the plots (the training curves from the run's metrics.jsonl in the bucket) beside it."""
+def test_eval_model_shards_pairs_and_out_in_the_bucket_equal_a_local_eval(run, s3, tmp_path):
+    """metrics.json written to the bucket equals the local eval's (same model, shards and pairs; the val
+    split's threshold read from the bucket too), the report and the plots (the training curves from the
+    run's metrics.jsonl in the bucket) beside it."""
     (tmp_path / "pairs.tsv").write_text("\n".join(PAIRS) + "\n")
     storage.upload_tree(str(run / "run"), s3.url("run"), s3.options)  # model/ and metrics.jsonl
     for name in ("img09.jpg", "img10.jpg", "img11.jpg"):
         storage.upload_file(str(run / "images" / name), s3.url(f"images/{name}"), s3.options)
     storage.upload_file(str(tmp_path / "pairs.tsv"), s3.url("pairs.tsv"), s3.options)
-    common = {"shards": str(run / "shards"), "split": "test", "batch_size": 2}
-    local = evaluate(EvalConfig(model=str(run / "run" / "model"), out=str(tmp_path / "local"),
-                                pairs=str(tmp_path / "pairs.tsv"), images=str(run / "images"), **common))
-    remote = evaluate(EvalConfig(model=s3.url("run/model"), out=s3.url("run/eval/"), pairs=s3.url("pairs.tsv"),
-                                 images=s3.url("images"), storage_options=s3.options, **common))
+    storage.upload_tree(str(run / "shards"), s3.url("shards"), s3.options)
+    common = {"split": "test", "batch_size": 2}
+    local = evaluate(EvalConfig(model=str(run / "run" / "model"), shards=str(run / "shards"),
+                                out=str(tmp_path / "local"), pairs=str(tmp_path / "pairs.tsv"),
+                                images=str(run / "images"), **common))
+    remote = evaluate(EvalConfig(model=s3.url("run/model"), shards=s3.url("shards"), out=s3.url("run/eval/"),
+                                 pairs=s3.url("pairs.tsv"), images=s3.url("images"), storage_options=s3.options,
+                                 **common))
 
     stored = json.loads(storage.read_text(s3.url("run/eval/metrics.json"), s3.options))
-    assert stored["model"] == s3.url("run/model") and remote["out"] == s3.url("run/eval")
+    assert stored["model"] == s3.url("run/model") and stored["shards"] == s3.url("shards")
+    assert remote["out"] == s3.url("run/eval") and stored["threshold_source"] == "val"
     assert _comparable(stored) == _comparable(json.loads((tmp_path / "local" / "metrics.json").read_text()))
     assert stored["pairs_scored"] == 4 and stored["pairs_skipped_reasons"] == {"image_missing": 1,
                                                                                 "image_path_escape": 1}
@@ -80,9 +85,3 @@ def test_eval_wrong_credentials_is_one_line_without_the_secret(run, s3, capsys):
     line = _error_line(code, err)
     assert s3.url("eval") in line and "access denied" in line
     assert secret not in err and "AKIAITSIMTESTKEY0001" not in err
-
-
-def test_eval_shards_url_is_refused_until_the_loader_streams_from_stores(run, s3, capsys):
-    code = cli_main(["eval", "--model", str(run / "run" / "model"), "--shards", s3.url("shards")])
-    line = _error_line(code, capsys.readouterr().err)
-    assert line == f"itsim eval: error: --shards: {s3.url('shards')}: this takes a local path, not a URL"
