@@ -332,7 +332,7 @@ def require_local(path: Any, what: str) -> str:
     """`path` unchanged when it is a local path; a URL is refused for a place that takes only local paths
     (rather than becoming a local folder named `s3:`)."""
     text = os.fspath(path)
-    if is_url(text) and not text.lower().startswith("file://"):
+    if is_remote(text):
         raise StorageError(f"{what}: {scrub(text)}: this takes a local path, not a URL", "unsupported")
     return resolve(text).path
 
