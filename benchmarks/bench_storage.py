@@ -2,7 +2,7 @@
 server vs from local disk, same loader, same 2 DataLoader workers, measured in the same run.
 
 Both sides are `make_loader` over the train split as `itsim train` builds it (`split_shards`, then
-each worker opening its shards itself: a local file, or `storage.open_input` through s3fs with
+each worker opening its shards itself: a local file, or `storage_stream.open_input` through s3fs with
 retries), batches of 32, repeats interleaved with one loader alive at a time. The server is moto's
 (`python -m moto.server`) on 127.0.0.1 in its own process: its request handling shares the machine's
 cores with the workers, and there is no network latency or bandwidth limit, so the ratio measures

@@ -86,7 +86,6 @@ def train_metrics(run_dir: Path, flops: float, peak: float) -> dict[str, Any]:
 
 def kill_and_resume(shards: Path, work: Path, sizes: dict, tiny: bool) -> dict[str, Any]:
     """An uninterrupted run against one SIGKILLed after its first checkpoint and resumed: parameters."""
-    import torch
     from safetensors.torch import load_file
 
     n = sizes["resume_steps"]

@@ -14,14 +14,11 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import glob as _glob
-import hashlib
-import io
 import json
 import logging
 import os
 import re
 import shutil
-import time
 import uuid
 from pathlib import Path
 from typing import Any, BinaryIO, Iterator, Mapping
@@ -143,7 +140,7 @@ def read_text(url: str, options: Mapping[str, Any] | None = None) -> str:
 
 
 @contextlib.contextmanager
-def _atomic_local(path: str) -> Iterator[BinaryIO]:
+def atomic_local(path: str) -> Iterator[BinaryIO]:
     """A file to write at a per-writer temp name beside `path` (parents created), fsynced and renamed
     over `path` when the block ends without error, removed when it raises."""
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
@@ -167,7 +164,7 @@ def write_bytes(url: str, data: bytes, options: Mapping[str, Any] | None = None)
         if loc.fs is not None:
             loc.fs.pipe_file(loc.path, data)  # one PUT (multipart above 100 MiB, aborted on failure)
         else:
-            with _atomic_local(loc.path) as f:
+            with atomic_local(loc.path) as f:
                 f.write(data)
 
 
@@ -184,14 +181,8 @@ def upload_file(local: str, url: str, options: Mapping[str, Any] | None = None,
         if loc.fs is not None:
             loc.fs.put_file(local, loc.path, **({"chunksize": chunk_size} if chunk_size else {}))
         else:
-            with open(local, "rb") as src, _atomic_local(loc.path) as dst:
+            with open(local, "rb") as src, atomic_local(loc.path) as dst:
                 shutil.copyfileobj(src, dst, 1 << 20)
-
-
-def download(url: str, local: str, options: Mapping[str, Any] | None = None) -> None:
-    """Copy `url` to a local file, through a temp name (a failed download leaves no partial file)."""
-    with open_input(url, options) as src, errors(local), _atomic_local(local) as dst:
-        shutil.copyfileobj(src, dst, 1 << 20)
 
 
 def ls(url: str, options: Mapping[str, Any] | None = None) -> list[str]:
@@ -232,102 +223,6 @@ def delete(url: str, options: Mapping[str, Any] | None = None, recursive: bool =
         pass
 
 
-class _RetryingReader(io.RawIOBase):
-    """Sequential reads of one object; on a transient error, reopen at the same offset after a pause.
-
-    The object must keep its size (and ETag, where the store gives one) across reopens: a changed or
-    deleted object is a StorageError naming the URL, never a silent mix of two versions.
-    """
-
-    def __init__(self, loc: Location, retries: int, wait: float, block_size: int):
-        self.loc, self.retries, self.wait, self.block_size = loc, retries, wait, block_size
-        self.pos, self.info, self._f = 0, None, None
-        self._retry(self._open)
-
-    def _open(self) -> None:
-        self._f = self.loc.fs.open(self.loc.path, "rb", block_size=self.block_size, cache_type="readahead")
-        now, self.info = self._f.details, self.info or self._f.details
-        if now.get("size") != self.info.get("size") or now.get("ETag") != self.info.get("ETag"):
-            raise StorageError(f"{scrub(self.loc.url)}: changed while being read", "changed")
-        self._f.seek(self.pos)
-
-    def _retry(self, fn: Any) -> Any:
-        for attempt in range(self.retries + 1):
-            try:
-                with errors(self.loc.url, self.loc.options):
-                    return fn()
-            except StorageError as exc:
-                if not exc.transient:
-                    raise
-                if attempt == self.retries:
-                    raise StorageError(f"{exc} (gave up after {self.retries} retries)", exc.reason, True) from None
-                log.warning("%s (retry %d of %d at byte %d)", exc, attempt + 1, self.retries, self.pos)
-                self._close_inner()
-                time.sleep(self.wait * 2 ** attempt)
-
-    def _read(self, n: int) -> bytes:
-        if self._f is None:
-            self._open()
-        return self._f.read(n)
-
-    def readable(self) -> bool:
-        return True
-
-    def seekable(self) -> bool:  # Parquet footers, PIL: reads resume from wherever `pos` is
-        return True
-
-    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
-        self.pos = max(0, {io.SEEK_SET: 0, io.SEEK_CUR: self.pos, io.SEEK_END: self.info["size"]}[whence] + offset)
-        if self._f is not None:
-            self._f.seek(self.pos)
-        return self.pos
-
-    def tell(self) -> int:
-        return self.pos
-
-    def readinto(self, buffer: Any) -> int:
-        data = self._retry(lambda: self._read(len(buffer)))
-        buffer[:len(data)] = data
-        self.pos += len(data)
-        return len(data)
-
-    def _close_inner(self) -> None:
-        f, self._f = self._f, None
-        if f is not None:
-            with contextlib.suppress(Exception):
-                f.close()
-
-    def close(self) -> None:
-        self._close_inner()
-        super().close()
-
-
-def open_input(url: str, options: Mapping[str, Any] | None = None, retries: int = 4, wait: float = 1.0,
-               block_size: int = 8 << 20) -> BinaryIO:
-    """A buffered binary stream of `url`, read in order (a tar shard for tarfile/webdataset) or seeking
-    (a Parquet footer, an image).
-
-    Remote objects are fetched `block_size` bytes per request; a transient failure (store unreachable,
-    5xx, a dropped connection) is retried `retries` times with waits of `wait`, 2*`wait`, ... seconds
-    from the same offset, then raised as a StorageError naming the URL. Open it in the process that
-    reads it (after any fork).
-    """
-    loc = resolve(url, options)
-    if loc.fs is None:
-        with errors(url):
-            return open(loc.path, "rb")
-    return io.BufferedReader(_RetryingReader(loc, retries, wait, block_size), buffer_size=1 << 20)
-
-
-def sha256_of(url: str, options: Mapping[str, Any] | None = None) -> str:
-    """SHA-256 of the bytes (streamed; the whole object is read)."""
-    h = hashlib.sha256()
-    with open_input(url, options) as f:
-        while block := f.read(1 << 20):
-            h.update(block)
-    return h.hexdigest()
-
-
 def require_local(path: Any, what: str) -> str:
     """`path` unchanged when it is a local path; a URL is refused for a place that takes only local paths
     (rather than becoming a local folder named `s3:`)."""
@@ -350,13 +245,6 @@ def files_under(url: str, options: Mapping[str, Any] | None = None) -> list[str]
             return sorted(p[len(base):] for p in found if p.startswith(base) and not p.endswith("/"))
     except NotFound:
         return []
-
-
-def download_tree(url: str, local_dir: str, options: Mapping[str, Any] | None = None) -> str:
-    """Copy every file below `url` into `local_dir` (each through a temp name); returns `local_dir`."""
-    for name in files_under(url, options):
-        download(join(url, name), os.path.join(local_dir, *name.split("/")), options)
-    return local_dir
 
 
 def upload_tree(local_dir: str, url: str, options: Mapping[str, Any] | None = None,

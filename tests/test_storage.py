@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 import yaml
 
-from itsim import config, storage
+from itsim import config, storage, storage_stream
 from itsim.errors import UserError
 from itsim.storage import NotFound, StorageError
 from s3server import CutProxy
@@ -73,7 +73,7 @@ def test_local_paths_keep_working(tmp_path):
         assert not storage.exists(url)
         storage.write_text(url, '{"a": 1}')
         assert storage.read_text(url) == '{"a": 1}' and storage.size_of(url) == 8
-        assert storage.sha256_of(url) == hashlib.sha256(b'{"a": 1}').hexdigest()
+        assert storage_stream.sha256_of(url) == hashlib.sha256(b'{"a": 1}').hexdigest()
         assert [os.path.basename(p) for p in storage.ls(storage.join(base, "sub"))] == ["a.json"]
         assert storage.glob(storage.join(base, "sub", "*.json")) == [storage.resolve(url).path]
         with pytest.raises(NotFound) as err:
@@ -114,9 +114,9 @@ def test_s3_round_trip(s3, tmp_path):
     local.write_bytes(data)
     tar_url = s3.url("shards/train-000000.tar")
     storage.upload_file(str(local), tar_url, opts)
-    assert storage.sha256_of(tar_url, opts) == hashlib.sha256(data).hexdigest()
+    assert storage_stream.sha256_of(tar_url, opts) == hashlib.sha256(data).hexdigest()
     assert storage.size_of(tar_url, opts) == len(data)
-    storage.download(tar_url, str(tmp_path / "back.tar"), opts)
+    storage_stream.download(tar_url, str(tmp_path / "back.tar"), opts)
     assert (tmp_path / "back.tar").read_bytes() == data
 
     storage.write_bytes(s3.url("shards/ckpt/step_0000010/trainer_state.json"), b"{}", opts)
@@ -164,7 +164,7 @@ def test_storage_options_from_environment(s3, monkeypatch):
 def test_missing_bucket_and_object(s3):
     opts = s3.options
     url = "s3://itsim-no-such-bucket/shards/manifest.json"
-    for call in (storage.read_bytes, storage.exists, storage.ls, storage.size_of, storage.open_input,
+    for call in (storage.read_bytes, storage.exists, storage.ls, storage.size_of, storage_stream.open_input,
                  lambda u, o: storage.write_bytes(u, b"x", o)):
         with pytest.raises(StorageError) as err:
             call(url, opts)
@@ -252,7 +252,7 @@ def test_upload_cut_midway_leaves_nothing_visible_and_rerun_completes(s3, tmp_pa
     proxy.up()
     storage.upload_file(str(local), url, opts, chunk_size=5 * MiB)
     assert storage.size_of(url, direct) == len(data)
-    assert storage.sha256_of(url, direct) == hashlib.sha256(data).hexdigest()
+    assert storage_stream.sha256_of(url, direct) == hashlib.sha256(data).hexdigest()
 
 
 def test_put_cut_midway_leaves_old_content(s3):
@@ -294,7 +294,7 @@ def _webdataset_tar(path: Path, n: int) -> dict[str, dict[str, bytes]]:
 
 
 def _read_shard(url: str, opts: dict, **kw) -> tuple[dict[str, dict[str, bytes]], list[Exception]]:
-    """The loader's own tar reading (`itsim.data.loader`) fed by storage.open_input."""
+    """The loader's own tar reading (`itsim.data.loader`) fed by storage_stream.open_input."""
     from webdataset.tariterators import group_by_keys
 
     from itsim.data.source import _tar_files
@@ -305,7 +305,7 @@ def _read_shard(url: str, opts: dict, **kw) -> tuple[dict[str, dict[str, bytes]]
         problems.append(exc)
         return True
 
-    sources = iter([{"url": url, "stream": storage.open_input(url, opts, **kw)}])
+    sources = iter([{"url": url, "stream": storage_stream.open_input(url, opts, **kw)}])
     got = {s["__key__"]: s for s in group_by_keys(_tar_files(sources, handler), handler=handler)}
     return got, problems
 
@@ -329,7 +329,7 @@ def test_open_input_seeks_for_parquet(s3):
     pq.write_table(table, buf, row_group_size=1000)
     url = s3.url("pairs/part-0.parquet")
     storage.write_bytes(url, buf.getvalue().to_pybytes(), s3.options)
-    with storage.open_input(url, s3.options, block_size=64 * 1024) as f:
+    with storage_stream.open_input(url, s3.options, block_size=64 * 1024) as f:
         parquet = pq.ParquetFile(f)
         assert parquet.metadata.num_row_groups == 5
         assert parquet.read_row_group(3).column("image")[0].as_py() == "img3000.jpg"
@@ -343,7 +343,7 @@ def test_open_input_retries_through_an_outage(s3, caplog):
     storage.write_bytes(url, data, s3.options)
     proxy = CutProxy(s3.server.port)
     opts = {**FAST_FAIL, "endpoint_url": proxy.endpoint}
-    with storage.open_input(url, opts, retries=4, wait=0.5, block_size=1 * MiB) as f:
+    with storage_stream.open_input(url, opts, retries=4, wait=0.5, block_size=1 * MiB) as f:
         head = f.read(1 * MiB)
         proxy.cut_after(downstream=int(1.5 * MiB))
         timer = threading.Timer(1.5, proxy.up)
@@ -361,7 +361,7 @@ def test_open_input_gives_up_naming_the_object(s3):
     storage.write_bytes(url, data, s3.options)
     proxy = CutProxy(s3.server.port)
     opts = {**FAST_FAIL, "endpoint_url": proxy.endpoint}
-    with storage.open_input(url, opts, retries=2, wait=0.1, block_size=1 * MiB) as f:
+    with storage_stream.open_input(url, opts, retries=2, wait=0.1, block_size=1 * MiB) as f:
         f.read(1 * MiB)
         proxy.down()
         with pytest.raises(StorageError) as err:
@@ -375,19 +375,19 @@ def test_object_deleted_while_reading(s3, tmp_path):
     _webdataset_tar(tmp_path / "t.tar", 80)
     url = s3.url("shards/train-000001.tar")
     storage.upload_file(str(tmp_path / "t.tar"), url, s3.options)
-    with storage.open_input(url, s3.options, block_size=1 * MiB) as f:
+    with storage_stream.open_input(url, s3.options, block_size=1 * MiB) as f:
         f.read(1 * MiB)
         s3.client().delete_object(Bucket=s3.name, Key="shards/train-000001.tar")
         with pytest.raises(NotFound) as err:
             f.read()
     assert _one_line(err.value) == f"{url}: not found"
     with pytest.raises(NotFound):
-        storage.open_input(url, s3.options)
+        storage_stream.open_input(url, s3.options)
 
 
 def _fork_worker_read(args):
     url, opts = args
-    return hashlib.sha256(storage.read_bytes(url, opts)).hexdigest(), storage.sha256_of(url, opts)
+    return hashlib.sha256(storage.read_bytes(url, opts)).hexdigest(), storage_stream.sha256_of(url, opts)
 
 
 def test_reads_after_fork(s3):
@@ -445,7 +445,7 @@ def test_trees_upload_with_state_last_and_download_whole(remote, request, tmp_pa
     assert storage.files_under(base, opts) == ["ckpt/model/w.bin", "ckpt/state.json", "ckpt/z.txt"]
     assert storage.files_under(storage.join(base, "ckpt", "model"), opts) == ["w.bin"]
     assert storage.files_under(storage.join(base, "nothing"), opts) == []
-    out = storage.download_tree(storage.join(base, "ckpt"), str(tmp_path / "down"), opts)
+    out = storage_stream.download_tree(storage.join(base, "ckpt"), str(tmp_path / "down"), opts)
     assert (Path(out) / "model" / "w.bin").read_bytes() == b"\x00" * 1000
     assert (Path(out) / "state.json").read_text() == "{}"
 

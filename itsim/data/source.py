@@ -1,7 +1,7 @@
 """Where the loader's shards come from: a shard folder on local disk or in an object store.
 
 The manifest, the vocab and a split's shard list come through `itsim.storage` (never pathlib on a
-URL); `shard_samples` opens each shard with `storage.open_input` (a local file, or a store object read
+URL); `shard_samples` opens each shard with `storage_stream.open_input` (a local file, or a store object read
 in blocks with retries on transient errors) in the process that reads it (a rank or a DataLoader worker).
 
 A shard that is gone or changed when read (deleted after the listing) is recorded
@@ -23,7 +23,7 @@ from typing import Any, Iterable, Iterator, Mapping
 
 from webdataset.tariterators import group_by_keys
 
-from itsim import storage
+from itsim import storage, storage_stream
 from itsim.data.shards.tar import iter_members
 from itsim.errors import UserError
 from itsim.images import ImageError, safe_path
@@ -63,8 +63,9 @@ def load_vocab(shard_dir: str | Path, options: Mapping[str, Any] | None = None) 
     if local is not None:
         return Vocab.load(Path(local) / "vocab.json")
     with tempfile.TemporaryDirectory(prefix="itsim-vocab-") as tmp:
-        storage.download(storage.join(os.fspath(shard_dir), "vocab.json"), os.path.join(tmp, "vocab.json"), options)
-        return Vocab.load(os.path.join(tmp, "vocab.json"))
+        local_vocab = os.path.join(tmp, "vocab.json")
+        storage_stream.download(storage.join(os.fspath(shard_dir), "vocab.json"), local_vocab, options)
+        return Vocab.load(local_vocab)
 
 
 def split_shards(shard_dir: str | Path, split: str, options: Mapping[str, Any] | None = None) -> list[str]:
@@ -102,11 +103,11 @@ def _store_failure(exc: BaseException) -> bool:
 
 
 def _open_shards(urls: Iterable[str], handler: Any, options: Mapping[str, Any] | None) -> Iterator[dict[str, Any]]:
-    """webdataset's `url_opener` through `storage.open_input` (local files, or store objects read with
+    """webdataset's `url_opener` through `storage_stream.open_input` (local files, or store objects read with
     retries): a shard that cannot be opened goes to the handler, unless the store itself failed."""
     for url in urls:
         try:
-            stream = storage.open_input(url, options)
+            stream = storage_stream.open_input(url, options)
         except Exception as exc:  # noqa: BLE001 - as webdataset's opener: the handler decides
             if _store_failure(exc):
                 raise

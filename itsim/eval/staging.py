@@ -15,7 +15,7 @@ import tempfile
 from pathlib import Path
 from typing import Any, Iterator, Mapping
 
-from itsim import storage
+from itsim import storage, storage_stream
 
 log = logging.getLogger(__name__)
 
@@ -49,7 +49,7 @@ def fetch(location: str, folder: str, options: Mapping[str, Any] | None, optiona
         return location
     local = os.path.join(folder, posixpath.basename(location) or "input")
     try:
-        storage.download(location, local, options)
+        storage_stream.download(location, local, options)
     except storage.NotFound:
         if not optional:
             raise

@@ -12,7 +12,7 @@ from typing import Any, Mapping
 import torch
 from safetensors.torch import load_file, save
 
-from itsim import __version__, storage
+from itsim import __version__, storage, storage_stream
 from itsim.errors import UserError
 from itsim.storage_errors import NotFound
 from itsim.io import atomic_write
@@ -69,7 +69,7 @@ def load_model(directory: str | Path, device: str | torch.device = "cpu",
             missing = []
             for name in MODEL_FILES:
                 try:
-                    storage.download(storage.join(text, name), os.path.join(tmp, name), options)
+                    storage_stream.download(storage.join(text, name), os.path.join(tmp, name), options)
                 except NotFound:
                     missing.append(name)
             return _load_local(Path(tmp), device, text, missing)

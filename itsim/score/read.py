@@ -10,7 +10,7 @@ and `shards` (itsim shard tars); this module expands the inputs, picks the forma
 the read tasks.
 
 Inputs may be store URLs (`s3://b/pairs/*.parquet`, a shard folder's URL): they are listed on the
-driver and each read task streams its file through `storage.open_input` (retries, one-line errors),
+driver and each read task streams its file through `storage_stream.open_input` (retries, one-line errors),
 with the driver's storage options (`storage.portable_options`) so a task on another node reaches the
 same store. Files are `Path`s (local, resolved) or `str` URLs.
 """

@@ -2,7 +2,7 @@
 
 A sample that cannot be understood becomes one row whose `READ_ERROR` is `bad_sample`; a shard whose
 tar stream ends early (cut, or an invalid header in the middle) adds one `bad_shard` row, so no
-input disappears unseen. A shard may be a store URL, streamed through `storage.open_input`; a store
+input disappears unseen. A shard may be a store URL, streamed through `storage_stream.open_input`; a store
 failure that outlasts its retries (or a shard deleted since it was listed) is a `bad_shard` row too.
 """
 from __future__ import annotations
@@ -14,7 +14,7 @@ from typing import Any, Iterator, Mapping
 
 import pyarrow as pa
 
-from itsim import storage
+from itsim import storage_stream
 from itsim.data.shards.tar import iter_samples
 from itsim.score.columns import JPG, READ_ERROR, ROW_ID
 from itsim.storage_errors import StorageError
@@ -67,7 +67,7 @@ def read_shard_blocks(path: str, file_index: int, block_rows: int, per_image: bo
         return table
 
     try:
-        with storage.open_input(path, options) as f:
+        with storage_stream.open_input(path, options) as f:
             for sample in iter_samples(f):
                 rows.extend(_sample_rows(sample, path, per_image))
                 if len(rows) >= block_rows:

@@ -5,7 +5,7 @@ CSV/TSV line with the wrong number of fields becomes a row whose `READ_ERROR` is
 disappears. CSV/TSV bytes that are not UTF-8 are replaced by U+FFFD (`Utf8Replaced`), as
 `data/captions.py` does, so one bad byte costs one character, not the file. Headerless tables are
 read with names given by `--columns` (`TableColumns(names, header=False)`). A table may be a store
-URL: it is streamed through `storage.open_input` (`options`: storage options).
+URL: it is streamed through `storage_stream.open_input` (`options`: storage options).
 """
 from __future__ import annotations
 
@@ -22,7 +22,7 @@ import pyarrow as pa
 import pyarrow.csv as pv
 import pyarrow.parquet as pq
 
-from itsim import storage
+from itsim import storage, storage_stream
 from itsim.errors import UserError
 from itsim.storage_errors import NotFound
 from itsim.score.columns import READ_ERROR, RESERVED, ROW_ID
@@ -57,13 +57,13 @@ def open_table(path: Path | str, options: Mapping[str, Any] | None = None) -> It
     if not storage.is_url(str(path)):
         yield path
         return
-    with storage.open_input(str(path), options) as stream:
+    with storage_stream.open_input(str(path), options) as stream:
         yield stream
 
 
 def _first_record(path: Path | str, fmt: str, options: Mapping[str, Any] | None = None) -> list[str] | None:
     """The first CSV/TSV record, decoded as the reader decodes the file (BOM dropped, bad bytes replaced)."""
-    with storage.open_input(str(path), options) as raw, \
+    with storage_stream.open_input(str(path), options) as raw, \
             io.TextIOWrapper(raw, encoding="utf-8-sig", errors="replace", newline="") as fh:
         return next(csv.reader(fh, delimiter="\t" if fmt == "tsv" else ","), None)
 
@@ -136,7 +136,7 @@ class Utf8Replaced(io.RawIOBase):
 
     def __init__(self, path: str, chunk: int = _CSV_BLOCK, options: Mapping[str, Any] | None = None):
         super().__init__()
-        self._fh = storage.open_input(path, options)
+        self._fh = storage_stream.open_input(path, options)
         self._decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
         self._pending = b""
         self._eof = False

@@ -39,7 +39,7 @@ from typing import Any, Mapping
 
 from accelerate.utils import gather_object
 
-from itsim import storage
+from itsim import storage, storage_stream
 from itsim.errors import UserError
 from itsim.io import atomic_write, sha256_file, write_error
 from itsim.storage import NotFound, StorageError
@@ -71,7 +71,7 @@ class RunDir:
         """A URL run: copy `RUN/name` into the staging folder when it exists (a file a resumed run appends to)."""
         if self.remote:
             try:
-                storage.download(self.url_of(name), str(self.local / name), self.options)
+                storage_stream.download(self.url_of(name), str(self.local / name), self.options)
             except NotFound:
                 pass
 
@@ -224,7 +224,7 @@ def download(run: RunDir, url: str) -> tuple[Path, dict[str, Any]]:
     local.mkdir(parents=True)
     (local / STATE_FILE).write_bytes(raw)
     for file in listed:
-        storage.download(storage.join(url, file), str(local / file), run.options)
+        storage_stream.download(storage.join(url, file), str(local / file), run.options)
     try:
         return local, checkpoint.verify(local)
     except CheckpointError as exc:

@@ -4,7 +4,6 @@ from __future__ import annotations
 import json
 from itertools import islice
 
-import numpy as np
 import pytest
 import torch
 

@@ -20,7 +20,7 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import TINY_MODEL
-from itsim import storage
+from itsim import storage, storage_stream
 from itsim.data.loader import iter_split, shard_samples, split_shards
 from itsim.errors import UserError
 from itsim.train import checkpoint, remote
@@ -64,7 +64,7 @@ def _keys(s3, prefix: str) -> list[str]:
 
 def _tensors(s3, key: str, tmp_path: Path) -> dict[str, torch.Tensor]:
     local = tmp_path / "dl" / key.replace("/", "_")
-    storage.download(s3.url(key), str(local), s3.options)
+    storage_stream.download(s3.url(key), str(local), s3.options)
     return load_file(str(local))
 
 

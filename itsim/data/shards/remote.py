@@ -16,7 +16,7 @@ import re
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
-from itsim import storage
+from itsim import storage, storage_stream
 from itsim.data.shards.pool import complete_stats
 from itsim.data.shards.writer import ShardTask
 
@@ -37,7 +37,7 @@ def fetch(path: str | None, staging: Path, options: Mapping[str, Any] | None) ->
     if not path or not storage.is_url(path):
         return path
     local = staging / "inputs" / basename(path)
-    storage.download(path, str(local), options)
+    storage_stream.download(path, str(local), options)
     return str(local)
 
 
