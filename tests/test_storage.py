@@ -93,7 +93,7 @@ def test_local_write_is_replaced_whole_or_not_at_all(tmp_path):
         pass
 
     with pytest.raises(Boom):
-        with storage._atomic_local(str(target)) as f:
+        with storage.atomic_local(str(target)) as f:
             f.write(b"new but half")
             raise Boom
     assert target.read_text() == "old" and [p.name for p in tmp_path.iterdir()] == ["manifest.json"]
