@@ -158,7 +158,7 @@ def compare(rec: common.Recorder, name: str, shards: Path, work: Path, itsim_arg
 
 def main(argv: list[str] | None = None) -> int:
     p = common.parser(__doc__.splitlines()[0])
-    p.add_argument("--ref-budget", type=float, default=6.0,
+    p.add_argument("--ref-budget", type=float, default=2.0,
                    help="the reference recipe runs at most this many times itsim's wall time (default: %(default)s)")
     args = p.parse_args(argv)
     common.setup_logging()
